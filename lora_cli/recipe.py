@@ -1,0 +1,403 @@
+"""The recipe: schema, defaults, YAML loading, --set overrides and validation.
+
+This module is the single source of defaults. Everything here runs before any weights load, so a typo
+costs a second, not a model download. Training options are TRL's `SFTConfig` fields, passed through
+after a name and type check, so every trainer option is reachable without this module naming it.
+"""
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_cli.errors import LoraError, did_you_mean
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+DISTRIBUTED = ("ddp", "fsdp")
+UNION_TYPES = (typing.Union, types.UnionType)
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = EMBEDDED_MODEL
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+    # transformers' own switch: True refuses pickled .bin weights, which can run code when loaded.
+    use_safetensors: bool = True
+
+
+@dataclass
+class QuantizationSection:
+    """BitsAndBytesConfig's own field names."""
+
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "auto"
+    bnb_4bit_quant_storage: str | None = None
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] | None = None  # None: PEFT's default for the architecture
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+
+
+@dataclass
+class DataSection:
+    train: str | None = None
+    format: str = "auto"
+    eval: str | float | None = None
+    chat_template: str | None = None
+
+
+# Our defaults for SFTConfig fields, where TRL's suit full fine-tuning or a GPU rather than LoRA on any machine.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2.0e-4,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 42,
+}
+# Keys the recipe owns elsewhere, so they cannot be set under `training`.
+TRAINING_RESERVED = {"output_dir": "output_dir (top level)", "model_init_kwargs": "the model section"}
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    quantization: QuantizationSection | None = None
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: dict[str, Any] = field(default_factory=dict)
+    output_dir: str | None = None
+    distributed: str | None = None
+    source: str = "recipe"  # the file name errors point at
+
+    @property
+    def is_quantized(self) -> bool:
+        q = self.quantization
+        return q is not None and (q.load_in_4bit or q.load_in_8bit)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved recipe, as written next to every adapter."""
+        out = {}
+        for name in ("model", "quantization", "lora", "data"):
+            section = getattr(self, name)
+            out[name] = dataclasses.asdict(section) if section is not None else None
+        out["training"] = dict(self.training)
+        out["output_dir"] = self.output_dir
+        out["distributed"] = self.distributed
+        return out
+
+
+SECTIONS = {"model": ModelSection, "quantization": QuantizationSection, "lora": LoraSection, "data": DataSection}
+TOP_LEVEL = (*SECTIONS, "training", "output_dir", "distributed", "versions")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads 1e-4 as a float (YAML 1.1 wants 1.0e-4) and refuses duplicate keys."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key '{key}' appears twice (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """The document and the line (1-based) of every dotted key path, for error messages."""
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise LoraError(f"{source}{where}: the YAML cannot be read: {problem}.") from None
+    except yaml.YAMLError as e:
+        raise LoraError(f"{source}: the YAML cannot be read: {e}.") from None
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                path = f"{prefix}{k.value}"
+                lines[path] = k.start_mark.line + 1
+                walk(v, path + ".")
+
+    if node is not None:
+        walk(node, "")
+    return data, lines
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read, override, validate and fill defaults; raises LoraError naming the file, key and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"The recipe file '{path}' does not exist.")
+    text = path.read_text(encoding="utf-8")
+    raw, lines = parse_yaml(text, str(path))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LoraError(f"{path}: a recipe is a YAML mapping of sections (model, lora, data, training, ...).")
+    for item in overrides:
+        apply_override(raw, item)
+    if output_dir is not None:
+        raw["output_dir"] = output_dir
+    return build_recipe(raw, source=str(path), lines=lines, base_dir=path.parent)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """--set section.key=value, with the value typed as YAML would type it."""
+    if "=" not in item:
+        raise LoraError(f"--set '{item}': write it as section.key=value, for example --set lora.r=8.")
+    dotted, value_text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise LoraError(f"--set '{item}': the key '{dotted}' is not a dotted key such as lora.r.")
+    value, _ = parse_yaml(value_text, f"--set {dotted}") if value_text.strip() else (None, {})
+    target = raw
+    for key in keys[:-1]:
+        if target.get(key) is None:
+            target[key] = {}
+        if not isinstance(target[key], dict):
+            raise LoraError(f"--set '{item}': '{key}' is not a section, so it has no key '{keys[-1]}'.")
+        target = target[key]
+    target[keys[-1]] = value
+
+
+def _type_name(annotation) -> str:
+    names = {str: "a string", bool: "true or false", int: "an integer", float: "a number", type(None): "null"}
+    if typing.get_origin(annotation) in UNION_TYPES:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) is list:
+        return "a list of strings"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _matches(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in UNION_TYPES:
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation we do not model (Literal, enums): SFTConfig checks it
+
+
+class _Context:
+    def __init__(self, source: str, lines: dict[str, int]):
+        self.source, self.lines = source, lines
+
+    def fail(self, key: str, message: str) -> typing.NoReturn:
+        line = self.lines.get(key)
+        where = f"{self.source}, line {line}" if line else self.source
+        raise LoraError(f"{where}: {key} {message}")
+
+
+def _build_section(name: str, cls, raw, ctx: _Context):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        ctx.fail(name, f"must be a mapping of keys, got {type(raw).__name__} {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        if key not in hints:
+            ctx.fail(
+                f"{name}.{key}",
+                f"is not a known key.{did_you_mean(key, hints)} The keys of '{name}' are: {', '.join(hints)}.",
+            )
+        if not _matches(value, hints[key]):
+            ctx.fail(f"{name}.{key}", f"must be {_type_name(hints[key])}, got {value!r}.")
+    return cls(**raw)
+
+
+def _check_choice(ctx, key, value, choices):
+    if value not in choices:
+        ctx.fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}.{did_you_mean(value, choices)}")
+
+
+def sft_config_fields() -> dict[str, Any]:
+    """SFTConfig's field names and type hints (imports TRL, which takes a few seconds)."""
+    from trl import SFTConfig
+
+    try:
+        hints = typing.get_type_hints(SFTConfig)
+    except Exception:  # a forward reference that cannot resolve: fall back to the raw annotations
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+
+
+def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        ctx.fail("training", f"must be a mapping of SFTConfig fields, got {raw!r}.")
+    known = sft_config_fields()
+    for key, value in raw.items():
+        if key in TRAINING_RESERVED:
+            ctx.fail(f"training.{key}", f"is set by {TRAINING_RESERVED[key]}, not under training.")
+        if key not in known:
+            ctx.fail(
+                f"training.{key}",
+                f"is not a field of TRL's SFTConfig.{did_you_mean(key, known)} "
+                "Any SFTConfig field can be set here (learning_rate, num_train_epochs, max_steps, max_length, ...).",
+            )
+        if value is not None and not _matches(value, known[key]):
+            ctx.fail(f"training.{key}", f"must be {_type_name(known[key])}, got {value!r}.")
+    numeric_minimums = {
+        "learning_rate": (0, False),
+        "num_train_epochs": (0, False),
+        "per_device_train_batch_size": (1, True),
+        "gradient_accumulation_steps": (1, True),
+        "max_length": (1, True),
+    }
+    for key, (low, inclusive) in numeric_minimums.items():
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and (value < low if inclusive else value <= low):
+            ctx.fail(f"training.{key}", f"must be {'at least' if inclusive else 'greater than'} {low}, got {value}.")
+    max_steps = raw.get("max_steps")
+    if isinstance(max_steps, int) and max_steps == 0:
+        ctx.fail("training.max_steps", "must be positive, or -1 to train for num_train_epochs.")
+    return {**TRAINING_DEFAULTS, **raw}
+
+
+def resolve_data_path(value: str, base_dir: Path) -> str:
+    """A local file or folder (relative to the working directory, then to the recipe), else a hub dataset id."""
+    for candidate in (Path(value).expanduser(), base_dir / value):
+        if candidate.exists():
+            return str(candidate.resolve())
+    looks_local = value.endswith(DATA_EXTENSIONS) or value.startswith((".", "/", "~")) or os.sep + os.sep in value
+    if looks_local:
+        raise FileNotFoundError(value)
+    return value
+
+
+def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None = None, base_dir=Path(".")) -> Recipe:
+    """Validate a recipe given as a dict (the parsed YAML) and return it with every default filled."""
+    ctx = _Context(source, lines or {})
+    if not isinstance(raw, dict):
+        raise LoraError(f"{source}: a recipe is a YAML mapping of sections (model, lora, data, training, ...).")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            ctx.fail(str(key), f"is not a recipe section.{did_you_mean(key, TOP_LEVEL)} Sections: {', '.join(TOP_LEVEL)}.")
+    model = _build_section("model", ModelSection, raw.get("model"), ctx)
+    quant_raw = raw.get("quantization")
+    quantization = _build_section("quantization", QuantizationSection, quant_raw, ctx) if quant_raw else None
+    lora = _build_section("lora", LoraSection, raw.get("lora"), ctx)
+    data = _build_section("data", DataSection, raw.get("data"), ctx)
+    training = _validate_training(raw.get("training"), ctx)
+
+    if not model.name_or_path.strip():
+        ctx.fail("model.name_or_path", "is empty: give a hub id, a local folder, or smollm2-135m-instruct.")
+    _check_choice(ctx, "model.dtype", model.dtype, DTYPES)
+    if model.attn_implementation is not None:
+        _check_choice(ctx, "model.attn_implementation", model.attn_implementation,
+                      ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"))
+
+    if quantization is not None:
+        if quantization.load_in_4bit and quantization.load_in_8bit:
+            ctx.fail("quantization", "sets both load_in_4bit and load_in_8bit: choose one (4-bit NF4 is QLoRA).")
+        _check_choice(ctx, "quantization.bnb_4bit_quant_type", quantization.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _check_choice(ctx, "quantization.bnb_4bit_compute_dtype", quantization.bnb_4bit_compute_dtype, DTYPES)
+        if quantization.bnb_4bit_quant_storage is not None:
+            _check_choice(ctx, "quantization.bnb_4bit_quant_storage", quantization.bnb_4bit_quant_storage,
+                          ("uint8", "bfloat16", "float16", "float32"))
+        if not (quantization.load_in_4bit or quantization.load_in_8bit):
+            quantization = None  # a section with both switches off means no quantization
+
+    if lora.r <= 0:
+        ctx.fail("lora.r", f"must be a positive integer, got {lora.r}.")
+    if lora.alpha <= 0:
+        ctx.fail("lora.alpha", f"must be positive, got {lora.alpha}.")
+    if not 0 <= lora.dropout < 1:
+        ctx.fail("lora.dropout", f"must be at least 0 and below 1, got {lora.dropout}.")
+    _check_choice(ctx, "lora.bias", lora.bias, ("none", "all", "lora_only"))
+    if isinstance(lora.target_modules, list) and not lora.target_modules:
+        ctx.fail("lora.target_modules", "is an empty list: name modules, write all-linear, or leave it out.")
+    if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+        lora.target_modules = [lora.target_modules]  # one name, as PEFT would otherwise treat it as a regex
+
+    if not data.train:
+        ctx.fail("data.train", "is required: a .jsonl/.json/.csv/.parquet/.txt file, a folder, or a hub dataset id.")
+    try:
+        data.train = resolve_data_path(data.train, base_dir)
+    except FileNotFoundError:
+        ctx.fail("data.train", f"names the file '{data.train}', which does not exist.")
+    _check_choice(ctx, "data.format", data.format, DATA_FORMATS)
+    if isinstance(data.eval, float) or isinstance(data.eval, int) and not isinstance(data.eval, bool):
+        if not 0 < data.eval < 1:
+            ctx.fail("data.eval", f"as a number is the fraction held out from train, between 0 and 1; got {data.eval}.")
+        data.eval = float(data.eval)
+    elif isinstance(data.eval, str):
+        try:
+            data.eval = resolve_data_path(data.eval, base_dir)
+        except FileNotFoundError:
+            ctx.fail("data.eval", f"names the file '{data.eval}', which does not exist.")
+
+    distributed = raw.get("distributed")
+    if distributed is not None:
+        _check_choice(ctx, "distributed", distributed, DISTRIBUTED)
+    output_dir = raw.get("output_dir")
+    if output_dir is not None and (not isinstance(output_dir, str) or not output_dir.strip()):
+        ctx.fail("output_dir", f"must be a folder path, got {output_dir!r}.")
+    if output_dir is None:
+        output_dir = str(Path("runs") / Path(source).stem)
+    if data.eval is not None and "eval_strategy" not in training:
+        training["eval_strategy"] = "steps"
+        training.setdefault("eval_steps", 0.1)  # a fraction of all steps: ten evaluations per run
+
+    return Recipe(model=model, quantization=quantization, lora=lora, data=data, training=training,
+                  output_dir=output_dir, distributed=distributed, source=source)
