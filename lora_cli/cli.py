@@ -61,7 +61,25 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
 ):
     """Fold an adapter into its base and write a plain transformers model."""
-    raise LoraError("lora merge is not implemented yet.")
+    from lora_cli.merge import merge_adapter
+
+    result = merge_adapter(
+        adapter_dir, out_dir, base=base, dtype=dtype, from_original_base=from_original_base,
+        verify=not no_verify, force=force, progress=lambda message: print(message, flush=True),
+    )
+    print(f"Merged {result.adapter_dir} into {result.base} -> {result.out_dir}")
+    print(f"  weights: the adapter added to {result.weights}")
+    if result.max_logit_diff is None:
+        print("  verify:  skipped (--no-verify)")
+    else:
+        print(
+            f"  verify:  largest logit difference from the unmerged adapter {result.max_logit_diff:.3g} "
+            f"(tolerance {result.tolerance:g} in {result.dtype}); the adapter itself moves logits by up to "
+            f"{result.adapter_effect:.3g}"
+        )
+    print(f"  EOS:     {result.eos}")
+    print(f"  files:   {', '.join(result.files)} ({result.size})")
+    print(f"Try it: lora generate {result.out_dir} --prompt 'Hello'")
 
 
 @app.command()
@@ -85,7 +103,36 @@ def generate(
     base: Optional[str] = typer.Option(None, "--base", help="Adapter targets: the base model to use."),
 ):
     """Generate with a base model, an adapter or a merged model."""
-    raise LoraError("lora generate is not implemented yet.")
+    import json
+
+    from lora_cli import generate as gen
+
+    sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    sampling.check()
+    if chat:
+        if prompt or prompts_file or json_output or compare_base:
+            raise LoraError("--chat reads the prompts from the terminal: leave out --prompt, --prompts-file, --json "
+                            "and --compare-base.")
+        gen.chat(gen.load_target(target, base, load_in_4bit), sampling, system)
+        return
+    if stream and json_output:
+        raise LoraError("--stream and --json do not go together: --json prints each answer once it is complete.")
+    stream_to = (lambda piece: print(piece, end="", flush=True)) if stream else None
+    results = gen.generate(target, prompt, prompts_file, system, raw, sampling, compare_base, load_in_4bit, base,
+                           on_text=stream_to)
+    if stream:
+        return  # printed as it came
+    for number, result in enumerate(results, 1):
+        if json_output:
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+        elif len(results) == 1 and result.base is None:
+            print(result.text)
+        else:
+            print(f"=== prompt {number}: {result.prompt.label}")
+            if result.base is not None:
+                print(f"--- with the adapter:\n{result.text}\n--- base model alone:\n{result.base.text}\n")
+            else:
+                print(f"{result.text}\n")
 
 
 @app.command("inspect-params")

@@ -1,0 +1,177 @@
+"""What a run shows and leaves behind: the progress bar, metrics.jsonl, loss.png, the model card, the summary.
+
+transformers' own progress bar shows steps and ETA but not loss, learning rate or tokens/s, so we replace
+it with one callback that does. Only the main process prints and writes.
+"""
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class ProgressAndMetrics(TrainerCallback):
+    """A progress bar with loss, learning rate, tokens/s and ETA; every log line appended to metrics.jsonl."""
+
+    def __init__(self, metrics_path: Path):
+        self.metrics_path = metrics_path
+        self.bar = None
+        self.started = None
+        self.last_tokens = self.last_time = None
+        self.tokens_per_second = None
+        self.shown = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from tqdm.auto import tqdm
+
+        self.started = time.time()
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="training", unit="step",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now = time.time()
+        tokens = logs.get("num_tokens")
+        if tokens is not None:
+            if self.last_tokens is not None and now > self.last_time and tokens > self.last_tokens:
+                self.tokens_per_second = (tokens - self.last_tokens) / (now - self.last_time)
+            self.last_tokens, self.last_time = tokens, now
+        record = {"step": state.global_step, "epoch": state.epoch, "time": round(now - (self.started or now), 3), **logs}
+        if self.tokens_per_second is not None and "loss" in logs:
+            record["tokens_per_second"] = round(self.tokens_per_second, 1)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            if "loss" in logs:
+                self.shown["loss"] = f"{logs['loss']:.4f}"
+            if "eval_loss" in logs:
+                self.shown["eval_loss"] = f"{logs['eval_loss']:.4f}"
+            if "learning_rate" in logs:
+                self.shown["lr"] = f"{logs['learning_rate']:.2e}"
+            if self.tokens_per_second:
+                self.shown["tok/s"] = f"{self.tokens_per_second:,.0f}"
+            self.bar.set_postfix(self.shown, refresh=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and _finite(r["loss"])]
+    evaluation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evaluation:
+        ax.plot(*zip(*evaluation), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or evaluation:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    """Peak accelerator memory when on a GPU, else this process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RAM"
+
+
+def final_losses(records: list[dict]) -> dict:
+    train = [r["loss"] for r in records if "loss" in r]
+    evaluation = [r["eval_loss"] for r in records if "eval_loss" in r]
+    return {"train_loss": train[-1] if train else None, "eval_loss": evaluation[-1] if evaluation else None}
+
+
+def model_card(recipe, base_name: str, summary: dict, audit_report: dict) -> str:
+    lora = recipe.lora
+    quant = "QLoRA (4-bit NF4" + (", double quantization" if recipe.quantization.bnb_4bit_use_double_quant else "") + ")" \
+        if recipe.quantization and recipe.quantization.load_in_4bit else "8-bit LoRA" if recipe.is_quantized else "LoRA"
+    targets = lora.target_modules if lora.target_modules else "PEFT's default for the architecture"
+    losses = final_losses(summary.get("metrics", []))
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    return f"""---
+base_model: {base_name}
+library_name: peft
+tags: [lora, {'qlora, ' if recipe.is_quantized else ''}sft, lora-cli]
+---
+
+# LoRA adapter for {base_name}
+
+Trained with [lora](https://pypi.org/project/lora-cli/) (`lora train`) from the recipe in `recipe.yaml`.
+
+| | |
+|---|---|
+| base model | `{base_name}` |
+| method | {quant}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''} |
+| target modules | {targets} |
+| data | `{recipe.data.train}` ({audit_report['examples']['train']} train, {audit_report['examples']['eval']} eval examples, format {summary['data_format']}) |
+| steps | {summary['steps']} |
+| final train loss | {fmt(losses['train_loss'])} |
+| final eval loss | {fmt(losses['eval_loss'])} |
+| tokens/s | {summary['tokens_per_second']:,.0f} |
+
+## Use it
+
+```bash
+lora generate {summary['output_dir']} --prompt "Hello"
+lora merge {summary['output_dir']} merged-model     # a plain transformers model
+```
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+model = AutoPeftModelForCausalLM.from_pretrained("{summary['output_dir']}")
+tokenizer = AutoTokenizer.from_pretrained("{summary['output_dir']}")
+```
+
+The loss curves are in `loss.png`, every logged step in `metrics.jsonl`, the data audit in `data_audit.json`.
+"""
+
+
+def format_summary(summary: dict) -> str:
+    minutes, seconds = divmod(summary["wall_seconds"], 60)
+    return "\n".join([
+        "Done.",
+        f"  steps: {summary['steps']}   wall time: {int(minutes)}m{seconds:04.1f}s   "
+        f"tokens/s: {summary['tokens_per_second']:,.0f}   peak {summary['peak_kind']}: {summary['peak_gib']:.2f} GiB",
+        f"  final train loss: {summary['final']['train_loss']}"
+        + (f"   final eval loss: {summary['final']['eval_loss']}" if summary["final"]["eval_loss"] is not None else ""),
+        f"  adapter, tokenizer, recipe.yaml, metrics.jsonl, loss.png, data_audit.json, README.md: {summary['output_dir']}",
+        f"  try it: lora generate {summary['output_dir']} --prompt \"...\" --compare-base",
+    ])

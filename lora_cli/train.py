@@ -1,0 +1,303 @@
+"""`lora train`: recipe -> data -> base model -> LoraConfig + SFTConfig -> TRL's SFTTrainer -> output folder.
+
+Read top to bottom, `train()` is the whole run. The output folder gets its adapter only when the run has
+finished: the final files are written to a staging folder and renamed into place, adapter last.
+"""
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+from lora_cli import data as data_mod
+from lora_cli.errors import LoraError
+from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
+
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
+CHECKPOINTS = "checkpoints"
+
+
+def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False) -> dict:
+    """Run a recipe; returns the summary (also printed). Raises LoraError for anything the user can fix."""
+    quiet_libraries()
+    out = Path(recipe.output_dir)
+    check_output_dir(out, resume, overwrite, dry_run)
+    train_records, eval_records, fmt = data_mod.load_data(recipe.data)
+
+    model, tokenizer, model_path = load_base_for_recipe(recipe)
+    prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
+    peft_config = lora_config(recipe.lora, model)
+    args = sft_config(recipe, out, prepared.assistant_only_loss, model)
+    trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out)
+
+    report = data_mod.audit(trainer, prepared.train, args.max_length)
+    report["chat_template_note"] = prepared.chat_template_note
+    report["format"] = fmt
+    print(data_mod.format_audit(report), flush=True)
+    data_mod.check_audit(report)
+    print_trainable(trainer.model)
+    if dry_run:
+        print("Dry run: the recipe, data and model are valid; nothing was trained or written.")
+        return {"dry_run": True, "audit": report}
+
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = newest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise LoraError(f"--resume: there is no checkpoint in '{out / CHECKPOINTS}' to resume from.")
+    _write_json(out / "data_audit.json", report)
+
+    started = time.time()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    summary = finish(trainer, recipe, out, model_path, report, fmt, time.time() - started)
+    return summary
+
+
+def quiet_libraries() -> None:
+    """Our progress bar and audit say what matters; the libraries' per-map bars and renaming notices do not."""
+    import warnings
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool, dry_run: bool) -> None:
+    if resume and overwrite:
+        raise LoraError("--resume and --overwrite contradict each other: resume continues the run, overwrite deletes it.")
+    if dry_run or resume or overwrite:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LoraError(
+            f"The output folder '{out}' is not empty. Use --resume to continue the run in it, --overwrite to "
+            "replace it, or --output-dir to write elsewhere."
+        )
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    folder = out / CHECKPOINTS
+    candidates = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    complete = [p for p in candidates if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (what target_modules matches), lm_head excluded."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def lora_config(section, model):
+    """PEFT's LoraConfig from the recipe, with target modules checked against the loaded model."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    available = linear_module_names(model)
+    targets = section.target_modules
+    model_type = model.config.model_type
+    if targets is None and model_type not in DEFAULT_TARGETS:
+        raise LoraError(
+            f"lora.target_modules: PEFT has no default target modules for the '{model_type}' architecture; "
+            f"set lora.target_modules to all-linear or a list from the model's linear layers: {', '.join(available)}."
+        )
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in available]
+        if missing:
+            raise LoraError(
+                f"lora.target_modules: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a linear "
+                f"layer of this model. Its linear layers are: {', '.join(available)} (or write all-linear)."
+            )
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        bias=section.bias,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        modules_to_save=section.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
+    """SFTConfig from the recipe's training section; precision follows the hardware unless the recipe says."""
+    import torch
+    from trl import SFTConfig
+
+    kwargs = dict(recipe.training)
+    kwargs["output_dir"] = str(out / CHECKPOINTS)
+    kwargs.setdefault("assistant_only_loss", assistant_only_loss)
+    compute_dtype = pick_dtype(recipe.model.dtype)
+    if not has_accelerator():
+        # TRL turns bf16 autocast on by default; on a CPU that is about 15x slower than fp32.
+        kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
+        kwargs.setdefault("fp16", False)
+        kwargs.setdefault("dataloader_pin_memory", False)
+    else:
+        kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
+        kwargs.setdefault("fp16", compute_dtype == torch.float16)
+    kwargs.setdefault("disable_tqdm", True)  # our own progress bar replaces it
+    try:
+        return SFTConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise LoraError(f"training: TRL's SFTConfig rejects these options: {' '.join(str(e).split())}") from None
+
+
+def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path):
+    import torch
+    from trl import SFTTrainer
+
+    from lora_cli.reporting import ProgressAndMetrics
+
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=prepared.train,
+            eval_dataset=prepared.eval,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[ProgressAndMetrics(out / "metrics.jsonl"), StopOnNonFiniteWeights()],
+        )
+    except ValueError as e:  # TRL's checks of option combinations, phrased for users already
+        raise LoraError(f"training: {' '.join(str(e).split())}") from None
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our progress bar shows them
+    trainer.remove_callback(ProgressCallback)
+    if getattr(model, "is_loaded_in_4bit", False) and not has_accelerator():
+        # TRL casts QLoRA adapters to bf16 (the paper's GPU recipe); on a CPU bf16 matmuls are far slower than fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+class StopOnNonFiniteWeights(TrainerCallback):
+    """Stops the run when the adapter weights stop being finite (a NaN/inf loss), before a bad checkpoint is saved.
+
+    Trainer saves after on_step_end, so checking here keeps every saved checkpoint finite.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        import torch
+
+        for name, param in model.named_parameters():
+            if param.requires_grad and not torch.isfinite(param).all():
+                raise LoraError(diverged_message(state.global_step, args, name))
+
+
+def diverged_message(step: int, args, name: str) -> str:
+    out = Path(args.output_dir)
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    kept = f"The last good checkpoint is {checkpoints[-1]}" if checkpoints else "No checkpoint had been saved yet"
+    return (
+        f"Training stopped at step {step}: the loss became NaN or infinite (the adapter weight {name} is no longer "
+        f"finite). {kept}; the adapter was not written. Usual fixes: lower training.learning_rate (now "
+        f"{args.learning_rate:g}), keep training.max_grad_norm at 1.0 or lower, compute in float32 "
+        "(model.dtype: float32, or quantization.bnb_4bit_compute_dtype: float32), and check the data for empty or "
+        "extremely long examples."
+    )
+
+
+def print_trainable(model) -> None:
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+
+def portable_base_name(recipe, model_path: str) -> str:
+    """What adapter_config.json records as the base: the hub id for the embedded model, else as resolved."""
+    from lora_cli.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME
+
+    name = recipe.model.name_or_path
+    if name.lower() == EMBEDDED_NAME or name == EMBEDDED_HUB_ID:
+        return EMBEDDED_HUB_ID
+    return model_path
+
+
+def finish(trainer, recipe, out: Path, model_path: str, report: dict, fmt: str, wall: float) -> dict:
+    """Write the adapter and everything beside it; only the main process writes."""
+    from lora_cli import reporting
+
+    state = trainer.state
+    records = reporting.read_metrics(out / "metrics.jsonl")
+    peak, peak_kind = reporting.peak_memory_gib()
+    tokens = trainer._total_train_tokens if hasattr(trainer, "_total_train_tokens") else 0
+    summary = {
+        "output_dir": str(out),
+        "steps": state.global_step,
+        "wall_seconds": wall,
+        "tokens": tokens,
+        "tokens_per_second": tokens / wall if wall > 0 else 0.0,
+        "peak_gib": peak,
+        "peak_kind": peak_kind,
+        "final": reporting.final_losses(records),
+        "data_format": fmt,
+        "metrics": records,
+    }
+    if not trainer.is_world_process_zero():
+        return summary
+    base_name = portable_base_name(recipe, model_path)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    trainer.model.save_pretrained(staging)
+    _set_base_name(staging / "adapter_config.json", base_name)  # after saving: PEFT would look the name up
+    trainer.processing_class.save_pretrained(staging)
+    _write_recipe(staging / "recipe.yaml", recipe)
+    reporting.plot_losses(records, staging / "loss.png")
+    (staging / "README.md").write_text(reporting.model_card(recipe, base_name, summary, report), encoding="utf-8")
+    for path in sorted(staging.iterdir(), key=lambda p: FINAL_FILES.index(p.name) if p.name in FINAL_FILES else -1):
+        os.replace(path, out / path.name)
+    staging.rmdir()
+    print(reporting.format_summary(summary), flush=True)
+    return summary
+
+
+def _set_base_name(config_path: Path, base_name: str) -> None:
+    import json
+
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("lora-cli", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _write_recipe(path: Path, recipe) -> None:
+    import yaml
+
+    resolved = recipe.to_dict()
+    resolved["versions"] = library_versions()
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def _write_json(path: Path, value) -> None:
+    import json
+
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=_jsonable), encoding="utf-8")
+
+
+def _jsonable(value):
+    return str(value)

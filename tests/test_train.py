@@ -1,0 +1,184 @@
+"""`lora train` on a tiny random Llama: outputs, LoRA and QLoRA, each data format, masking and EOS, resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import run_cli, write_jsonl
+from lora_cli.errors import LoraError
+from lora_cli.recipe import build_recipe
+from lora_cli.train import train
+
+CHATS = [
+    {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]}
+    for i in range(12)
+]
+
+
+def recipe_for(tmp_path, model_dir, data_path, *, training=None, out="out", **sections):
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"train": str(data_path)},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 2,
+                     "gradient_checkpointing": False, "max_length": 128, **(training or {})},
+        "output_dir": str(tmp_path / out),
+        **sections,
+    }
+    return build_recipe(raw, source="test.yaml")
+
+
+@pytest.fixture
+def chats(tmp_path):
+    return write_jsonl(tmp_path / "chats.jsonl", CHATS)
+
+
+def test_lora_run_writes_a_complete_loadable_output(tmp_path, tiny_llama, chats):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_for(tmp_path, tiny_llama, chats, training={"max_steps": 3, "learning_rate": 1e-2}, data={"train": str(chats), "eval": 0.25})
+    summary = train(recipe)
+    out = tmp_path / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
+                 "recipe.yaml", "metrics.jsonl", "loss.png", "README.md", "data_audit.json"):
+        assert (out / name).is_file(), name
+    assert not (out / ".staging").exists()
+    assert (out / "checkpoints").is_dir()
+    assert summary["steps"] == 3 and summary["tokens_per_second"] > 0
+
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["lora"]["r"] == 4 and resolved["training"]["max_steps"] == 3
+    assert {"torch", "transformers", "peft", "trl"} <= set(resolved["versions"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
+    assert any("eval_loss" in m for m in metrics)
+    assert "tiny-llama" in (out / "README.md").read_text() or str(tiny_llama) in (out / "README.md").read_text()
+
+    # Plain PEFT loads it, and the trained adapter changes the model's output.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.tensor([[1, 42, 99, 7, 1000]])
+    with torch.no_grad():
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, out)(ids).logits
+    assert (adapted - before).abs().max() > 1e-3
+
+
+def test_qlora_run_on_cpu(tmp_path, tiny_llama, chats):
+    recipe = recipe_for(tmp_path, tiny_llama, chats, quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                                   "bnb_4bit_use_double_quant": True})
+    train(recipe)
+    out = tmp_path / "out"
+    weights = load_file(out / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in weights)
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["quantization"]["load_in_4bit"] is True
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and set(config["target_modules"]) >= {"q_proj", "down_proj"}
+
+
+FORMATS = {
+    "messages": CHATS[:6],
+    "sharegpt": [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": f"Hello {i}."}]} for i in range(6)],
+    "alpaca": [{"instruction": "Add the numbers.", "input": f"{i} and {i}", "output": str(2 * i)} for i in range(6)],
+    "prompt_completion": [{"prompt": f"Count to {i}:", "completion": " " + " ".join(map(str, range(i + 1)))} for i in range(6)],
+    "text": [{"text": f"Line number {i} of a plain text corpus."} for i in range(6)],
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_each_format_is_detected_masked_and_trains_the_eos(tmp_path, tiny_llama, fmt):
+    data = write_jsonl(tmp_path / f"{fmt}.jsonl", FORMATS[fmt])
+    result = train(recipe_for(tmp_path, tiny_llama, data), dry_run=True)
+    audit = result["audit"]
+    assert audit["format"] == fmt
+    assert audit["eos_trained_share"] == 1.0  # pad and EOS are the same token here, and EOS is still trained
+    if fmt == "text":
+        assert audit["trained_token_share"] > 0.9
+    else:
+        assert audit["trained_token_share"] < 0.7  # the prompt is masked out of the loss
+    assert "⟦" in audit["example"]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_multi_turn_with_generation_markers_trains_every_assistant_turn(tmp_path, tiny_llama):
+    from lora_cli.data import SIMPLE_CHAT_TEMPLATE
+
+    turns = [{"messages": [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "first"},
+                           {"role": "user", "content": "B?"}, {"role": "assistant", "content": "second"}]}] * 4
+    data = write_jsonl(tmp_path / "multi.jsonl", turns)
+    recipe = recipe_for(tmp_path, tiny_llama, data, data={"train": str(data), "chat_template": SIMPLE_CHAT_TEMPLATE})
+    audit = train(recipe, dry_run=True)["audit"]
+    example = audit["example"]
+    assert example.count("⟦") == 2 and "⟦first" in example and "⟦second" in example
+
+
+def test_truncation_that_removes_every_eos_is_refused(tmp_path, tiny_llama, chats):
+    recipe = recipe_for(tmp_path, tiny_llama, chats, training={"max_length": 40})
+    with pytest.raises(LoraError, match="never learn to stop.*max_length=40"):
+        train(recipe, dry_run=True)
+
+
+def test_unknown_target_module_lists_the_real_ones(tmp_path, tiny_llama, chats):
+    recipe = recipe_for(tmp_path, tiny_llama, chats, lora={"target_modules": ["q_proj", "query_key_value"]})
+    with pytest.raises(LoraError, match="query_key_value.*not a linear layer.*gate_proj.*q_proj"):
+        train(recipe, dry_run=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        ('{"messages": []}\n{"messages": [1, 2\n', ["line 2", "not valid JSON"]),
+        ('{"question": "a", "answer": "b"}\n', ["cannot tell the format", "answer, question"]),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', ["line 1", "no assistant message"]),
+        ('{"messages": [{"role": "pirate", "content": "hi"}]}\n', ["line 1", "role 'pirate'"]),
+        ("\n\n", ["has no examples"]),
+    ],
+)
+def test_bad_data_is_reported_with_its_line(tmp_path, tiny_llama, capsys, content, fragments):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_llama)}, "data": {"train": str(data)}}))
+    result = run_cli(["train", recipe_path, "-o", tmp_path / "out"], capsys)
+    assert result.code == 2 and "Traceback" not in result.err
+    for fragment in ["data.train", *fragments]:
+        assert fragment in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_explicit_format_needs_its_columns(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x"}])
+    recipe = recipe_for(tmp_path, tiny_llama, data, data={"train": str(data), "format": "alpaca"})
+    with pytest.raises(LoraError, match="needs a 'output' column"):
+        train(recipe, dry_run=True)
+
+
+def test_resume_finishes_with_the_same_adapter(tmp_path, tiny_llama, chats):
+    """An interrupted run resumed from its checkpoint ends where an uninterrupted run ends."""
+    settings = {"max_steps": 4, "save_steps": 2, "learning_rate": 5e-3}
+    straight = recipe_for(tmp_path, tiny_llama, chats, training=settings, out="straight")
+    train(straight)
+    expected = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+
+    interrupted = recipe_for(tmp_path, tiny_llama, chats, training=settings, out="resumed")
+    train(interrupted)
+    out = tmp_path / "resumed"
+    import shutil
+
+    # Keep only what a run stopped after its first checkpoint would have left.
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    train(interrupted, resume=True)
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert max((expected[k] - resumed[k]).abs().max().item() for k in expected) < 1e-4
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_llama, chats):
+    with pytest.raises(LoraError, match="no checkpoint"):
+        train(recipe_for(tmp_path, tiny_llama, chats), resume=True)
