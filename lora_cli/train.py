@@ -30,14 +30,18 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
     peft_config = lora_config(recipe.lora, model)
     args = sft_config(recipe, out, prepared.assistant_only_loss, model)
-    trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out)
-
-    report = data_mod.audit(trainer, prepared.train, args.max_length)
-    report["chat_template_note"] = prepared.chat_template_note
-    report["format"] = fmt
-    print(data_mod.format_audit(report), flush=True)
-    data_mod.check_audit(report)
-    print_trainable(trainer.model)
+    out_existed = out.exists()
+    try:
+        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out)
+        report = data_mod.audit(trainer, prepared.train, args.max_length)
+        report["chat_template_note"] = prepared.chat_template_note
+        report["format"] = fmt
+        print(data_mod.format_audit(report), flush=True)
+        data_mod.check_audit(report)
+        print_trainable(trainer.model)
+    finally:
+        if dry_run or not out_existed:
+            remove_empty_folders(out)  # transformers creates the checkpoint folder up front
     if dry_run:
         print("Dry run: the recipe, data and model are valid; nothing was trained or written.")
         return {"dry_run": True, "audit": report}
@@ -77,6 +81,17 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, dry_run: bool) ->
             f"The output folder '{out}' is not empty. Use --resume to continue the run in it, --overwrite to "
             "replace it, or --output-dir to write elsewhere."
         )
+
+
+def remove_empty_folders(root: Path) -> None:
+    """Remove root and the folders under it if they hold no file at all; never deletes a file."""
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(root.iterdir()):
+        root.rmdir()
 
 
 def newest_checkpoint(out: Path) -> Path | None:
