@@ -151,17 +151,20 @@ def detect_format(rows: Rows, field: str) -> str:
         return "prompt_completion"
     if "text" in columns:
         return "text"
+    if "input_ids" in columns:
+        return "tokenized"
     raise LoraError(
         f"{field}: cannot tell the format of '{rows.source}' from its columns ({', '.join(sorted(columns))}). "
         "Known formats: messages (a 'messages' list of role/content), sharegpt ('conversations' of from/value), "
-        "alpaca (instruction, input, output), prompt_completion (prompt, completion), text ('text'). "
+        "alpaca (instruction, input, output), prompt_completion (prompt, completion), text ('text'), "
+        "tokenized ('input_ids', already tokenized; optional 'labels'). "
         "Rename the columns or set data.format."
     )
 
 
 REQUIRED_COLUMNS = {
     "messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
-    "prompt_completion": ("prompt", "completion"), "text": ("text",),
+    "prompt_completion": ("prompt", "completion"), "text": ("text",), "tokenized": ("input_ids",),
 }
 
 
@@ -202,6 +205,11 @@ def to_trl_records(rows: Rows, fmt: str, field: str) -> list[dict]:
                 out.append({"prompt": prompt, "completion": completion})
             else:
                 raise LoraError(f"{where}: prompt and completion must both be strings or both lists of messages.")
+        elif fmt == "tokenized":
+            ids = record["input_ids"]
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+                raise LoraError(f"{where}: 'input_ids' must be a non-empty list of token ids.")
+            out.append({"input_ids": ids, **({"labels": record["labels"]} if "labels" in record else {})})
         else:
             text = record["text"]
             if not isinstance(text, str) or not text.strip():
@@ -396,8 +404,11 @@ def render_trained(tokenizer, input_ids, labels) -> str:
 
 
 def check_audit(report: dict) -> None:
-    """Refuse a run whose labels never contain the end-of-turn/EOS token: that model would never stop."""
-    if report["eos_trained_share"] == 0:
+    """Refuse a run whose labels never contain the end-of-turn/EOS token: that model would never stop.
+
+    Pre-tokenized data is the user's own business (benchmarks feed random tokens), so it is only reported.
+    """
+    if report["eos_trained_share"] == 0 and report.get("format") != "tokenized":
         tokens = ", ".join(report["end_of_turn_tokens"]) or "(none known)"
         lost = report["eos_lost_to_truncation"]
         cause = (
@@ -425,6 +436,10 @@ def format_audit(report: dict) -> str:
         f"{report['eos_trained_share']:.1%}",
         f"  share of tokens trained: {report['trained_token_share']:.1%}",
         "  one example, trained tokens inside ⟦ ⟧:",
-        *("    " + line for line in report["example"].splitlines()),
+        *("    " + line for line in _shorten(report["example"]).splitlines()),
     ]
     return "\n".join(lines)
+
+
+def _shorten(text: str, limit: int = 1500) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]} [... {len(text) - limit} characters ...] {text[-limit // 2:]}"

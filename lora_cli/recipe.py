@@ -20,7 +20,7 @@ from lora_cli.errors import LoraError, did_you_mean
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized")
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 DISTRIBUTED = ("ddp", "fsdp")
 UNION_TYPES = (typing.Union, types.UnionType)

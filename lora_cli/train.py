@@ -19,8 +19,12 @@ FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed in
 CHECKPOINTS = "checkpoints"
 
 
-def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False) -> dict:
-    """Run a recipe; returns the summary (also printed). Raises LoraError for anything the user can fix."""
+def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False,
+          callbacks=()) -> dict:
+    """Run a recipe; returns the summary (also printed). Raises LoraError for anything the user can fix.
+
+    `callbacks` are extra transformers TrainerCallbacks, for Python callers such as the benchmarks.
+    """
     quiet_libraries()
     out = Path(recipe.output_dir)
     check_output_dir(out, resume, overwrite, dry_run)
@@ -32,7 +36,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     args = sft_config(recipe, out, prepared.assistant_only_loss, model)
     out_existed = out.exists()
     try:
-        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out)
+        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, callbacks)
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note
         report["format"] = fmt
@@ -171,7 +175,7 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
         raise LoraError(f"training: TRL's SFTConfig rejects these options: {' '.join(str(e).split())}") from None
 
 
-def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path):
+def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, callbacks=()):
     import torch
     from trl import SFTTrainer
 
@@ -185,7 +189,7 @@ def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path):
             eval_dataset=prepared.eval,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[ProgressAndMetrics(out / "metrics.jsonl"), StopOnNonFiniteWeights()],
+            callbacks=[ProgressAndMetrics(out / "metrics.jsonl"), StopOnNonFiniteWeights(), *callbacks],
         )
     except ValueError as e:  # TRL's checks of option combinations, phrased for users already
         raise LoraError(f"training: {' '.join(str(e).split())}") from None

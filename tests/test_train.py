@@ -85,6 +85,7 @@ FORMATS = {
     "alpaca": [{"instruction": "Add the numbers.", "input": f"{i} and {i}", "output": str(2 * i)} for i in range(6)],
     "prompt_completion": [{"prompt": f"Count to {i}:", "completion": " " + " ".join(map(str, range(i + 1)))} for i in range(6)],
     "text": [{"text": f"Line number {i} of a plain text corpus."} for i in range(6)],
+    "tokenized": [{"input_ids": list(range(100 + i, 140 + i)) + [2]} for i in range(6)],
 }
 
 
@@ -95,7 +96,7 @@ def test_each_format_is_detected_masked_and_trains_the_eos(tmp_path, tiny_llama,
     audit = result["audit"]
     assert audit["format"] == fmt
     assert audit["eos_trained_share"] == 1.0  # pad and EOS are the same token here, and EOS is still trained
-    if fmt == "text":
+    if fmt in ("text", "tokenized"):
         assert audit["trained_token_share"] > 0.9
     else:
         assert audit["trained_token_share"] < 0.7  # the prompt is masked out of the loss
