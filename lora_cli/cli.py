@@ -78,6 +78,8 @@ def merge(
             f"{result.adapter_effect:.3g}"
         )
     print(f"  EOS:     {result.eos}")
+    if result.note:
+        print(f"  note:    {result.note}")
     print(f"  files:   {', '.join(result.files)} ({result.size})")
     print(f"Try it: lora generate {result.out_dir} --prompt 'Hello'")
 
@@ -86,19 +88,25 @@ def merge(
 def generate(
     target: str = typer.Argument(..., help="An adapter folder, a model folder, a hub id, or smollm2-135m-instruct."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable)."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt a line, or JSONL."),
-    system: Optional[str] = typer.Option(None, "--system", help="A system message."),
+    prompts_file: Optional[Path] = typer.Option(
+        None, "--prompts-file", help="One prompt a line, or JSONL rows with 'prompt' or 'messages'."
+    ),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message (through the chat template)."),
     raw: bool = typer.Option(False, "--raw", help="Send the text as is, without the chat template."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest answer; generation stops at EOS."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 means greedy (deterministic)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty"),
-    seed: int = typer.Option(0, "--seed"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: the model's own)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample among the k likeliest (default: the model's)."),
+    repetition_penalty: Optional[float] = typer.Option(
+        None, "--repetition-penalty", help="Above 1 discourages repeating tokens."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seeds sampling, so a sampled answer can be repeated."),
     json_output: bool = typer.Option(False, "--json", help="JSON lines with prompt, completion and token counts."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive (one prompt)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Adapter targets: print the base's answer too."),
-    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Load the base quantized to NF4."),
+    load_in_4bit: bool = typer.Option(
+        False, "--load-in-4bit", help="Load the model quantized to NF4 (QLoRA adapters load their base so anyway)."
+    ),
     chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat (/reset, /exit)."),
     base: Optional[str] = typer.Option(None, "--base", help="Adapter targets: the base model to use."),
 ):

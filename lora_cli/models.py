@@ -2,15 +2,20 @@
 
 Every command loads models through here (train, merge, generate, inspect), so a name means the same
 thing everywhere: `smollm2-135m-instruct` is the embedded model, a folder is a folder, anything else is
-a hub id that transformers loads as usual.
+a hub id that transformers loads as usual. An adapter folder names its base in recipe.yaml (or, made
+elsewhere, in adapter_config.json), and read_adapter() reads it, so merge and generate load the base train used.
 """
 
+import dataclasses
+import json
 import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, embedded_model_dir
 from lora_cli.errors import LoraError
+from lora_cli.recipe import ModelSection, QuantizationSection
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
@@ -171,3 +176,146 @@ def load_base_for_recipe(recipe):
         path, dtype, recipe.quantization, m.attn_implementation, m.trust_remote_code, m.use_safetensors
     )
     return model, tokenizer, path
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class AdapterInfo:
+    """What an adapter folder says about its base: recipe.yaml where lora train wrote one, else adapter_config.json."""
+
+    folder: Path
+    base: str  # the name to resolve: --base, the recipe's model.name_or_path, or the adapter's base_model_name_or_path
+    field: str  # where that name came from, for error messages
+    model: ModelSection
+    quantization: QuantizationSection | None  # how the base was quantized in training (QLoRA), from recipe.yaml
+    peft_config: dict
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.folder / "tokenizer_config.json").is_file()
+
+
+def is_adapter_folder(path) -> bool:
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def not_an_adapter(folder: Path) -> str:
+    """Why a folder without adapter_config.json is not an adapter, and what the user may have meant."""
+    found = [*folder.glob(f"checkpoint-*/{ADAPTER_CONFIG}"), *folder.glob(f"checkpoints/checkpoint-*/{ADAPTER_CONFIG}")]
+    checkpoints = sorted(found, key=lambda p: p.stat().st_mtime)
+    if checkpoints:
+        return (
+            f"'{folder}' has no {ADAPTER_CONFIG}, so training did not finish there; "
+            f"its newest checkpoint is an adapter: {checkpoints[-1].parent}"
+        )
+    if (folder / "config.json").is_file():
+        return f"'{folder}' is a model folder (config.json), not an adapter folder ({ADAPTER_CONFIG})."
+    return f"'{folder}' is not an adapter folder: it has no {ADAPTER_CONFIG} (lora train writes one in its output_dir)."
+
+
+def read_adapter(folder, base: str | None = None) -> AdapterInfo:
+    """Read an adapter folder written by lora train, or any PEFT adapter (then taken as plain LoRA)."""
+    import yaml
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LoraError(f"The adapter folder '{folder}' does not exist.")
+    config_file = folder / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise LoraError(not_an_adapter(folder))
+    try:
+        peft_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LoraError(f"{config_file} cannot be read as JSON: {e}.") from None
+    if not isinstance(peft_config, dict):
+        raise LoraError(f"{config_file} is not a PEFT adapter config (a JSON object).")
+    if not any((folder / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise LoraError(f"'{folder}' has {ADAPTER_CONFIG} but no adapter_model.safetensors: the weights are missing.")
+
+    recipe = {}
+    recipe_file = folder / RECIPE_FILE
+    if recipe_file.is_file():
+        try:
+            recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LoraError(f"{recipe_file} cannot be read: {e}.") from None
+        if not isinstance(recipe, dict):
+            raise LoraError(f"{recipe_file} is not a recipe (a YAML mapping of sections).")
+    model_raw = _known_fields(ModelSection, recipe.get("model"))
+    quant_raw = _known_fields(QuantizationSection, recipe.get("quantization"))
+    quantization = QuantizationSection(**quant_raw) if quant_raw else None
+    if quantization is not None and not (quantization.load_in_4bit or quantization.load_in_8bit):
+        quantization = None
+
+    if base:
+        name, field = base, "--base"
+    elif model_raw.get("name_or_path"):
+        name, field = model_raw["name_or_path"], f"{recipe_file} model.name_or_path"
+    elif peft_config.get("base_model_name_or_path"):
+        name, field = peft_config["base_model_name_or_path"], f"{config_file} base_model_name_or_path"
+    else:
+        raise LoraError(f"{config_file} does not name the base model (base_model_name_or_path); pass --base.")
+    model_raw["name_or_path"] = name
+    return AdapterInfo(folder, name, field, ModelSection(**model_raw), quantization, peft_config)
+
+
+def _known_fields(cls, raw) -> dict:
+    """The keys of a recipe.yaml section that this version knows (a newer lora may write more)."""
+    if not isinstance(raw, dict):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def load_adapter_base(info: AdapterInfo, dtype, quantization=None, device_map=None):
+    """(model, path): the adapter's base as the recipe loaded it, quantized as asked."""
+    m = info.model
+    path = resolve_model_path(info.base, info.field)
+    model = load_model(
+        path, dtype, quantization, m.attn_implementation, m.trust_remote_code, m.use_safetensors, device_map, info.field
+    )
+    return model, path
+
+
+def attach_adapter(model, info: AdapterInfo):
+    """PeftModel.from_pretrained, with a base that does not fit the adapter explained."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(info.folder))
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+        hint = "" if info.field == "--base" else " or pass --base"
+        raise LoraError(
+            f"The adapter in '{info.folder}' does not fit the base model '{info.base}': {reason} "
+            f"An adapter only works on the model it was trained on; check {info.field}{hint}."
+        ) from None
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token the chat template writes after an assistant's answer (<|im_end|>, <|eot_id|>, ...)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "lora-end-of-turn-probe"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except Exception:  # a template that insists on its own roles or alternation: no answer rather than a crash
+        return None
+    if marker not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    after = tokenizer(text.split(marker, 1)[1], add_special_tokens=False).input_ids
+    return next((i for i in after if i in special), None)
+
+
+def token_ids(value) -> list[int]:
+    """A config's eos_token_id (None, an id or a list of ids) as a list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
