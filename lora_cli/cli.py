@@ -146,18 +146,33 @@ def generate(
 @app.command("inspect-params")
 def inspect_params(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, short name, local folder."),
-    r: str = typer.Option("8", "--r", help="LoRA rank, or a list: 4,8,16."),
-    target: Optional[str] = typer.Option(None, "--target", help="Module names, all-linear, attention or mlp."),
-    alpha: Optional[float] = typer.Option(None, "--alpha"),
-    dora: bool = typer.Option(False, "--dora"),
-    rslora: bool = typer.Option(False, "--rslora"),
+    r: Optional[str] = typer.Option(None, "--r", help="LoRA rank, or a list: 4,8,16 (default: the recipe's, 16)."),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="Module names, all-linear, attention or mlp (default: PEFT's for the model)."
+    ),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="LoRA alpha (default: the recipe's, 32)."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout (default: the recipe's, 0.05)."),
+    dora: Optional[bool] = typer.Option(None, "--dora/--no-dora", help="DoRA (default: off)."),
+    rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="rsLoRA scaling (default: off)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Inspect what a recipe would train."),
-    seq_len: int = typer.Option(2048, "--seq-len"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    json_output: bool = typer.Option(False, "--json"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens a sequence (default 2048 or the recipe's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences a step (default 1, the recipe's)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact trainable-parameter counts and a memory plan, without downloading weights."""
-    raise LoraError("lora inspect-params is not implemented yet.")
+    import json
+
+    from lora_cli import inspect as inspection
+
+    options = {"ranks": r, "target": target, "alpha": alpha, "dora": dora, "rslora": rslora, "dropout": dropout,
+               "seq_len": seq_len, "batch_size": batch_size}
+    if recipe is not None:
+        report = inspection.inspect_recipe(recipe, model=model, **options)
+    elif model is not None:
+        report = inspection.inspect_params(model, **options)
+    else:
+        raise LoraError("lora inspect-params needs --model (a hub id, a built-in name or a folder) or --recipe FILE.")
+    print(json.dumps(report, indent=2) if json_output else inspection.format_report(report))
 
 
 def main() -> None:
