@@ -1,0 +1,230 @@
+"""Speed and memory of `lora train` against the plain Hugging Face stack, on a real architecture with random weights.
+
+Runs on a GPU machine (no downloads: the model is built from its config, the data is random token ids):
+
+    python benchmarks/speed.py --modes baseline_qlora,qlora,lora --results benchmarks/results
+
+Each mode runs in its own process. `baseline_*` modes are the plain stack exactly as in the tutorials
+(transformers + PEFT + TRL SFTTrainer defaults, SDPA, gradient checkpointing); the other modes call
+`lora_cli.train.train`, the function behind `lora train`, with the recipe a user would write. Steps 5-14
+are timed (after a CUDA sync); tokens/s counts real (non-padding) tokens; peak is
+torch.cuda.max_memory_allocated from the start of training. One JSON record per `lora` mode is written
+to --results, paired with the baseline of the same data measured in the same run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCHS = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096),  # a CPU smoke test
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+MATMUL_PARAMS = {"llama-3.1-8b": 7.5e9, "tiny": 3.3e6}  # non-embedding matmul parameters incl. lm_head, as the baseline counts
+PEAK_FLOPS = 989e12  # H100/H200 dense bf16
+WORK = Path(tempfile.gettempdir()) / "lora-bench"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_model(arch: str) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = WORK / arch
+    if (path / "config.json").is_file():
+        return path
+    started = time.time()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**ARCHS[arch])).to(torch.bfloat16)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR", REPO / ".gpu" / "tokenizer")).save_pretrained(path)
+    print(f"built {arch} with random weights in {time.time() - started:.0f} s", flush=True)
+    return path
+
+
+def write_data(kind: str) -> Path:
+    """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..2048."""
+    import numpy as np
+
+    path = WORK / f"{kind}.jsonl"
+    if path.is_file():
+        return path
+    rng = np.random.default_rng(0)
+    if kind == "fixed":
+        lengths = [SEQ] * (BATCH * (STEPS + 1))
+    else:
+        lengths = np.clip(rng.lognormal(mean=np.log(300), sigma=0.9, size=4000), 30, SEQ).astype(int).tolist()
+    with path.open("w") as handle:
+        for n in lengths:
+            handle.write(json.dumps({"input_ids": rng.integers(100, 40000, size=n).tolist()}) + "\n")
+    return path
+
+
+def timer_callback(records: list):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            records.append((time.time(), state.num_input_tokens_seen))
+
+    return StepTimer()
+
+
+def measure(records, trainable: int, arch: str) -> dict:
+    import torch
+
+    (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
+    tokens_per_second = (n1 - n0) / (t1 - t0)
+    flops_per_token = 4 * MATMUL_PARAMS[arch] + 6 * trainable
+    return {
+        "tok_per_s": round(tokens_per_second),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "mfu": round(tokens_per_second * flops_per_token / PEAK_FLOPS, 4),
+        "trainable": trainable,
+    }
+
+
+def training_settings(data_kind: str) -> dict:
+    settings = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "learning_rate": 2e-4, "logging_steps": 5,
+                "save_strategy": "no", "max_length": SEQ, "report_to": "none",
+                "include_num_input_tokens_seen": "non_padding"}
+    if data_kind == "varied":
+        settings["per_device_train_batch_size"] = 8  # the tutorials' padded batches of 8
+    return settings
+
+
+def run_lora(mode: str, arch: str) -> dict:
+    """`lora train`'s own code path, with the recipe a user would write for this mode."""
+    from safetensors.torch import load_file
+
+    from lora_cli.recipe import build_recipe
+    from lora_cli.train import train
+
+    data_kind = "varied" if "varied" in mode else "fixed"
+    training = training_settings(data_kind)
+    if data_kind == "varied":
+        training.update(per_device_train_batch_size=BATCH, packing=True)  # packed rows of SEQ tokens, padding-free
+    raw = {
+        "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+        "data": {"train": str(write_data(data_kind))},
+        "training": training,
+        "output_dir": str(WORK / f"out-{mode}"),
+    }
+    if "qlora" in mode:
+        raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    if mode == "lora_nogc":
+        raw["training"]["gradient_checkpointing"] = False
+    records = []
+    summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True, callbacks=[timer_callback(records)])
+    adapter = load_file(Path(raw["output_dir"]) / "adapter_model.safetensors")
+    return {**measure(records, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"]}
+
+
+def run_baseline(mode: str, arch: str) -> dict:
+    """The plain stack as in the tutorials (and ../shared/gpu/baseline_hf_stack.py)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    path = build_model(arch)
+    data_kind = "varied" if "varied" in mode else "fixed"
+    kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    if "qlora" in mode:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0 if gpu else "cpu"}, **kwargs)
+    rows = [json.loads(line) for line in write_data(data_kind).read_text().splitlines()]
+    records = []
+    args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu, gradient_checkpointing="nogc" not in mode,
+                     packing=False, dataloader_num_workers=0, **training_settings(data_kind))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records)],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                                task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    return measure(records, trainable, arch)
+
+
+def run_mode(mode: str, arch: str) -> None:
+    result = run_baseline(mode, arch) if mode.startswith("baseline_") else run_lora(mode, arch)
+    print("RESULT " + json.dumps({"mode": mode, **result}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="baseline_qlora,qlora,lora")
+    parser.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--timeout", type=int, default=240, help="seconds per mode")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        run_mode(args.one, args.arch)
+        return
+    import torch
+
+    build_model(args.arch)
+    results = {}
+    for mode in args.modes.split(","):
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", mode],
+                                  capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{mode:>16}: timed out after {args.timeout} s", flush=True)
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            results[mode] = json.loads(lines[-1][7:])
+            print(f"{mode:>16}: {results[mode]}", flush=True)
+        else:
+            print(f"{mode:>16}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+    write_records(results, args, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+
+
+def write_records(results: dict, args, gpu: str) -> None:
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    for mode, result in results.items():
+        if mode.startswith("baseline_"):
+            continue
+        data_kind = "varied" if "varied" in mode else "fixed"
+        baseline = results.get(f"baseline_{'qlora' if 'qlora' in mode else 'lora'}{'_varied' if data_kind == 'varied' else ''}", {})
+        record = {
+            "gpu": gpu, "model": args.arch, "mode": "qlora" if "qlora" in mode else "lora", "variant": mode,
+            "data": data_kind, "tok_per_s": result["tok_per_s"], "peak_gib": result["peak_gib"], "mfu": result["mfu"],
+            "baseline_tok_per_s": baseline.get("tok_per_s"), "baseline_peak_gib": baseline.get("peak_gib"),
+            "unsloth_tok_per_s": None, "unsloth_peak_gib": None, "seq_len": SEQ, "batch_size": BATCH,
+            "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
+        }
+        path = out / f"{date}-{args.arch}-{mode}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
