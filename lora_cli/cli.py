@@ -180,8 +180,17 @@ def main() -> None:
         app()
     except LoraError as error:
         message = " ".join(str(error).split())
+        close_progress_bars()
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def close_progress_bars() -> None:
+    """A run stopped mid-training (a NaN loss) leaves its progress bar open: end its line before the error."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()

@@ -64,7 +64,11 @@ def read_rows(spec: str, field: str) -> Rows:
         reader = READERS.get(path.suffix.lower())
         if reader is None:
             raise LoraError(f"{field}: '{spec}' is not a .jsonl, .json, .csv, .parquet or .txt file.")
-        records, numbers = reader(path, field)
+        try:
+            records, numbers = reader(path, field)
+        except UnicodeDecodeError as e:
+            message = f"{field}: '{spec}' is not UTF-8 text (byte {e.start} cannot be read); save it as UTF-8."
+            raise LoraError(message) from None
         if not records:
             raise LoraError(f"{field}: '{spec}' has no examples.")
         return Rows(records, numbers, spec)
@@ -101,15 +105,32 @@ def _read_json(path: Path, field: str):
 
 
 def _read_csv(path: Path, field: str):
+    records, numbers = [], []
     with path.open(encoding="utf-8", newline="") as handle:
-        records = list(csv.DictReader(handle))
-    return records, list(range(2, len(records) + 2))  # line 1 is the header
+        reader = csv.DictReader(handle)
+        try:
+            for record in reader:
+                # DictReader files extra values under None and fills missing ones with None (an empty value is "").
+                if None in record or None in record.values():
+                    raise LoraError(
+                        f"{field}: {path}, line {reader.line_num}: this row does not have the header's "
+                        f"{len(reader.fieldnames)} values ({', '.join(reader.fieldnames)}); quote values that "
+                        'contain commas, such as "a, b".'
+                    )
+                records.append(record)
+                numbers.append(reader.line_num)  # a quoted value may span lines: where the row ends
+        except csv.Error as e:
+            raise LoraError(f"{field}: {path}, line {reader.line_num}: not valid CSV ({e}).") from None
+    return records, numbers
 
 
 def _read_parquet(path: Path, field: str):
-    import datasets
+    import pyarrow.parquet  # what datasets reads parquet with; directly, it neither caches nor logs a traceback
 
-    records = datasets.Dataset.from_parquet(str(path)).to_list()
+    try:
+        records = pyarrow.parquet.read_table(path).to_pylist()
+    except (ValueError, OSError) as e:  # ArrowInvalid: not a parquet file, or a damaged one
+        raise LoraError(f"{field}: {path} cannot be read as parquet: {str(e).strip().splitlines()[0]}") from None
     return records, list(range(1, len(records) + 1))
 
 

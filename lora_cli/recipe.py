@@ -170,9 +170,14 @@ def parse_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
     """Read, override, validate and fill defaults; raises LoraError naming the file, key and line."""
     path = Path(path)
+    if path.is_dir():
+        raise LoraError(f"The recipe '{path}' is a folder; give the recipe's YAML file.")
     if not path.is_file():
         raise LoraError(f"The recipe file '{path}' does not exist.")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LoraError(f"{path}: the recipe is not UTF-8 text (byte {e.start} cannot be read); is it YAML?") from None
     raw, lines = parse_yaml(text, str(path))
     if raw is None:
         raw = {}

@@ -71,9 +71,28 @@ class ProgressAndMetrics(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The logged records; a last line cut short by a killed run is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """On resume, forget the records of steps after the checkpoint: those steps are trained (and logged) again."""
+    if not path.is_file():
+        return
+    from lora_cli.checkpoints import write_atomically
+
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_losses(records: list[dict], out: Path) -> None:

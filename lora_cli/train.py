@@ -1,7 +1,8 @@
 """`lora train`: recipe -> data -> base model -> LoraConfig + SFTConfig -> TRL's SFTTrainer -> output folder.
 
 Read top to bottom, `train()` is the whole run. The output folder gets its adapter only when the run has
-finished: the final files are written to a staging folder and renamed into place, adapter last.
+finished: the final files are written to a staging folder and renamed into place, adapter last. A checkpoint
+counts only once it is complete, and --resume continues only the run that wrote it (checkpoints.py).
 """
 
 import os
@@ -12,8 +13,18 @@ from pathlib import Path
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from lora_cli import data as data_mod
+from lora_cli.checkpoints import (
+    CompleteCheckpoints,
+    check_resume,
+    complete_checkpoints,
+    remove_checkpoints_after,
+    resume_note,
+    run_identity,
+    step_of,
+)
 from lora_cli.errors import LoraError
 from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
+from lora_cli.reporting import drop_metrics_after
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
 CHECKPOINTS = "checkpoints"
@@ -34,9 +45,10 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
     peft_config = lora_config(recipe.lora, model)
     args = sft_config(recipe, out, prepared.assistant_only_loss, model)
+    completion = CompleteCheckpoints(run_identity(recipe, train_records, eval_records), args)  # kill -9 safe saves
     out_existed = out.exists()
     try:
-        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, callbacks)
+        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note
         report["format"] = fmt
@@ -55,7 +67,14 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = newest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
-        raise LoraError(f"--resume: there is no checkpoint in '{out / CHECKPOINTS}' to resume from.")
+        raise LoraError(f"--resume: there is no checkpoint in '{out / CHECKPOINTS}' to resume from (one that was "
+                        "written completely).")
+    if checkpoint is not None:
+        changed = check_resume(checkpoint, completion.identity, trainer.model, force)
+        if trainer.is_world_process_zero():
+            removed = remove_checkpoints_after(checkpoint)
+            drop_metrics_after(out / "metrics.jsonl", step_of(checkpoint))  # the steps after it are trained again
+            print(resume_note(checkpoint, removed, changed), flush=True)
     _write_json(out / "data_audit.json", report)
 
     started = time.time()
@@ -78,6 +97,8 @@ def quiet_libraries() -> None:
 def check_output_dir(out: Path, resume: bool, overwrite: bool, dry_run: bool) -> None:
     if resume and overwrite:
         raise LoraError("--resume and --overwrite contradict each other: resume continues the run, overwrite deletes it.")
+    if out.exists() and not out.is_dir():
+        raise LoraError(f"The output folder '{out}' is a file; set output_dir (or --output-dir) to a folder.")
     if dry_run or resume or overwrite:
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -99,10 +120,9 @@ def remove_empty_folders(root: Path) -> None:
 
 
 def newest_checkpoint(out: Path) -> Path | None:
-    folder = out / CHECKPOINTS
-    candidates = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    complete = [p for p in candidates if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest checkpoint that was completely written (see checkpoints.py); a partial one is never resumed."""
+    complete = complete_checkpoints(out / CHECKPOINTS)
+    return complete[-1] if complete else None
 
 
 def linear_module_names(model) -> list[str]:
@@ -218,8 +238,7 @@ class StopOnNonFiniteWeights(TrainerCallback):
 
 
 def diverged_message(step: int, args, name: str) -> str:
-    out = Path(args.output_dir)
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    checkpoints = complete_checkpoints(Path(args.output_dir))  # all finite: this check runs before each save
     kept = f"The last good checkpoint is {checkpoints[-1]}" if checkpoints else "No checkpoint had been saved yet"
     return (
         f"Training stopped at step {step}: the loss became NaN or infinite (the adapter weight {name} is no longer "

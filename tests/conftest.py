@@ -41,6 +41,18 @@ def run_cli(args, capsys) -> CliResult:
     return CliResult(code, captured.out, captured.err)
 
 
+def error_line(result: CliResult) -> str:
+    """The one paragraph a user error prints, after checking exit code 2 and no traceback.
+
+    stderr may also hold progress bars (loading weights, training), each ended before the error starts its line.
+    """
+    assert result.code == 2, (result.code, result.err[-3000:])
+    assert "Traceback" not in result.err, result.err[-3000:]
+    lines = [line for line in result.err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.err[-3000:]
+    return lines[0]
+
+
 def run_lora_process(args, cwd=None, timeout=900, env=None) -> subprocess.CompletedProcess:
     """Run `lora ARGS` as a separate process, as a user would."""
     return subprocess.run(
