@@ -169,8 +169,38 @@ def run_baseline(mode: str, arch: str) -> dict:
     return measure(records, trainable, arch)
 
 
+def run_unsloth(arch: str) -> dict:
+    """Unsloth's QLoRA as its docs write it (../shared/gpu/unsloth_vs_hf.py), on the same model and data."""
+    import torch
+    from unsloth import FastLanguageModel  # first: it patches transformers and TRL on import
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    path = build_model(arch)
+    model, tokenizer = FastLanguageModel.from_pretrained(str(path), max_seq_length=SEQ, load_in_4bit=True,
+                                                         dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth", bias="none")
+    rows = [json.loads(line) for line in write_data("fixed").read_text().splitlines()]
+    records = []
+    settings = {k: v for k, v in training_settings("fixed").items() if k != "include_num_input_tokens_seen"}
+    args = SFTConfig(output_dir=str(WORK / "out-unsloth"), bf16=True, packing=False, **settings)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[timer_callback(records)])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    # Unsloth may change gradient accumulation on its own: count the tokens it really processed.
+    tokens_per_step = BATCH * SEQ * trainer.args.gradient_accumulation_steps
+    records = [(t, i * tokens_per_step) for i, (t, _) in enumerate(records, start=1)]
+    return measure(records, trainable, arch)
+
+
 def run_mode(mode: str, arch: str) -> None:
-    result = run_baseline(mode, arch) if mode.startswith("baseline_") else run_lora(mode, arch)
+    if mode == "unsloth":
+        result = run_unsloth(arch)
+    else:
+        result = run_baseline(mode, arch) if mode.startswith("baseline_") else run_lora(mode, arch)
     print("RESULT " + json.dumps({"mode": mode, **result}), flush=True)
 
 
@@ -191,11 +221,18 @@ def main() -> None:
     results = {}
     for mode in args.modes.split(","):
         try:
+            env = dict(os.environ)
+            if mode == "unsloth" and os.environ.get("UNSLOTH_SITE"):
+                # Unsloth pins older TRL and datasets: its own packages come first, in its own process.
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
             proc = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", mode],
-                                  capture_output=True, text=True, timeout=args.timeout)
+                                  capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             print(f"{mode:>16}: timed out after {args.timeout} s", flush=True)
             continue
+        for line in proc.stdout.splitlines():
+            if line.startswith(("precision and speed:", "trainable params:")):
+                print(f"{mode:>16}  {line}")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if lines:
             results[mode] = json.loads(lines[-1][7:])
@@ -209,8 +246,9 @@ def write_records(results: dict, args, gpu: str) -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
+    unsloth = results.get("unsloth", {})
     for mode, result in results.items():
-        if mode.startswith("baseline_"):
+        if mode.startswith("baseline_") or mode == "unsloth":
             continue
         data_kind = "varied" if "varied" in mode else "fixed"
         baseline = results.get(f"baseline_{'qlora' if 'qlora' in mode else 'lora'}{'_varied' if data_kind == 'varied' else ''}", {})
@@ -218,7 +256,9 @@ def write_records(results: dict, args, gpu: str) -> None:
             "gpu": gpu, "model": args.arch, "mode": "qlora" if "qlora" in mode else "lora", "variant": mode,
             "data": data_kind, "tok_per_s": result["tok_per_s"], "peak_gib": result["peak_gib"], "mfu": result["mfu"],
             "baseline_tok_per_s": baseline.get("tok_per_s"), "baseline_peak_gib": baseline.get("peak_gib"),
-            "unsloth_tok_per_s": None, "unsloth_peak_gib": None, "seq_len": SEQ, "batch_size": BATCH,
+            "unsloth_tok_per_s": unsloth.get("tok_per_s") if mode == "qlora" else None,
+            "unsloth_peak_gib": unsloth.get("peak_gib") if mode == "qlora" else None,
+            "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
         path = out / f"{date}-{args.arch}-{mode}.json"

@@ -37,14 +37,15 @@ def train(
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Train data-parallel on this many GPUs (accelerate)."),
 ):
     """Train a LoRA or QLoRA adapter from a recipe."""
+    from lora_cli.recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides, output_dir)
     if gpus is not None and gpus > 1:
         from lora_cli.launch import relaunch_on_gpus
 
-        raise typer.Exit(relaunch_on_gpus(gpus, sys.argv[1:]))
-    from lora_cli.recipe import load_recipe
+        raise typer.Exit(relaunch_on_gpus(gpus, loaded.distributed, sys.argv[1:]))
     from lora_cli.train import train as run_training
 
-    loaded = load_recipe(recipe, overrides, output_dir)
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, dry_run=dry_run)
 
 

@@ -26,6 +26,10 @@ class ProgressAndMetrics(TrainerCallback):
         self.shown = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the summary's peak is training's, not loading's
         if not state.is_world_process_zero:
             return
         from tqdm.auto import tqdm

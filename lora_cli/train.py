@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from lora_cli import data as data_mod
@@ -25,6 +26,7 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
 from lora_cli.reporting import drop_metrics_after
+from lora_cli.speed import gpu_speed_defaults
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
 CHECKPOINTS = "checkpoints"
@@ -41,30 +43,35 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     check_output_dir(out, resume, overwrite, dry_run)
     train_records, eval_records, fmt = data_mod.load_data(recipe.data)
 
+    if recipe.distributed == "fsdp" and recipe.quantization and not recipe.quantization.bnb_4bit_quant_storage:
+        # FSDP shards flat parameters of one dtype: 4-bit weights stored as the compute dtype can be sharded.
+        recipe.quantization.bnb_4bit_quant_storage = str(pick_dtype(recipe.model.dtype)).removeprefix("torch.")
     model, tokenizer, model_path = load_base_for_recipe(recipe)
     prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
     peft_config = lora_config(recipe.lora, model)
     args = sft_config(recipe, out, prepared.assistant_only_loss, model)
     completion = CompleteCheckpoints(run_identity(recipe, train_records, eval_records), args)  # kill -9 safe saves
     out_existed = out.exists()
+    process = PartialState()  # one process, or one of several under accelerate: only the main one writes
     try:
         trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note
         report["format"] = fmt
-        print(data_mod.format_audit(report), flush=True)
+        if process.is_main_process:
+            print(data_mod.format_audit(report), flush=True)
         data_mod.check_audit(report)
-        print_trainable(trainer.model)
+        if process.is_main_process:
+            print_trainable(trainer.model)
+            print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="
+                  f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} packing={args.packing}")
     finally:
-        if dry_run or not out_existed:
+        if process.is_main_process and (dry_run or not out_existed):
             remove_empty_folders(out)  # transformers creates the checkpoint folder up front
     if dry_run:
         print("Dry run: the recipe, data and model are valid; nothing was trained or written.")
         return {"dry_run": True, "audit": report}
 
-    if overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = newest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise LoraError(f"--resume: there is no checkpoint in '{out / CHECKPOINTS}' to resume from (one that was "
@@ -75,7 +82,12 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
             removed = remove_checkpoints_after(checkpoint)
             drop_metrics_after(out / "metrics.jsonl", step_of(checkpoint))  # the steps after it are trained again
             print(resume_note(checkpoint, removed, changed), flush=True)
-    _write_json(out / "data_audit.json", report)
+    if process.is_main_process:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "data_audit.json", report)
+    process.wait_for_everyone()
 
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -185,9 +197,12 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
         kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
         kwargs.setdefault("fp16", False)
         kwargs.setdefault("dataloader_pin_memory", False)
+        kwargs.setdefault("use_cpu", True)  # also what makes several CPU processes (torchrun) train as one, on gloo
     else:
         kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
         kwargs.setdefault("fp16", compute_dtype == torch.float16)
+        for key, value in gpu_speed_defaults(model, recipe, kwargs).items():
+            kwargs.setdefault(key, value)
     kwargs.setdefault("disable_tqdm", True)  # our own progress bar replaces it
     try:
         return SFTConfig(**kwargs)
@@ -232,9 +247,14 @@ class StopOnNonFiniteWeights(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         import torch
 
-        for name, param in model.named_parameters():
-            if param.requires_grad and not torch.isfinite(param).all():
-                raise LoraError(diverged_message(state.global_step, args, name))
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        # One device sync a step: the largest |value| of each tensor in one fused call (finite unless a NaN or an
+        # inf is there), then a single finiteness test.
+        norms = torch._foreach_norm([p.detach() for _, p in named], ord=float("inf"))
+        if torch.isfinite(torch.stack(norms)).all():
+            return
+        name = next(name for (name, _), norm in zip(named, norms) if not torch.isfinite(norm))
+        raise LoraError(diverged_message(state.global_step, args, name))
 
 
 def diverged_message(step: int, args, name: str) -> str:
@@ -294,6 +314,7 @@ def finish(trainer, recipe, out: Path, model_path: str, report: dict, fmt: str, 
     _set_base_name(staging / "adapter_config.json", base_name)  # after saving: PEFT would look the name up
     trainer.processing_class.save_pretrained(staging)
     _write_recipe(staging / "recipe.yaml", recipe)
+    _write_json(staging / "train_summary.json", {k: v for k, v in summary.items() if k != "metrics"})
     reporting.plot_losses(records, staging / "loss.png")
     (staging / "README.md").write_text(reporting.model_card(recipe, base_name, summary, report), encoding="utf-8")
     for path in sorted(staging.iterdir(), key=lambda p: FINAL_FILES.index(p.name) if p.name in FINAL_FILES else -1):
