@@ -221,7 +221,7 @@ def main() -> None:
     results = {}
     for mode in args.modes.split(","):
         try:
-            env = dict(os.environ)
+            env = {"CUDA_VISIBLE_DEVICES": "0", **os.environ}  # one process, one GPU, as `lora train` does
             if mode == "unsloth" and os.environ.get("UNSLOTH_SITE"):
                 # Unsloth pins older TRL and datasets: its own packages come first, in its own process.
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))

@@ -4,6 +4,7 @@ Heavy libraries (torch, transformers, TRL) are imported inside the commands so `
 A LoraError anywhere becomes one paragraph on stderr and exit code 2.
 """
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,10 @@ def train(
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Train data-parallel on this many GPUs (accelerate)."),
 ):
     """Train a LoRA or QLoRA adapter from a recipe."""
+    if (gpus is None or gpus <= 1) and "LOCAL_RANK" not in os.environ:
+        # One process trains on one GPU (Trainer would otherwise wrap the model in nn.DataParallel, which TRL
+        # refuses); --gpus N or accelerate launch use more. Set before torch is imported: CUDA reads it once.
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     from lora_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides, output_dir)

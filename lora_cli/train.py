@@ -304,15 +304,18 @@ def finish(trainer, recipe, out: Path, model_path: str, report: dict, fmt: str, 
         "data_format": fmt,
         "metrics": records,
     }
+    staging = out / ".staging"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    trainer.accelerator.wait_for_everyone()
+    # Every process takes part (FSDP gathers the sharded adapter here); only the main one writes.
+    trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return summary
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml says the same, safely
     base_name = portable_base_name(recipe, model_path)
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    trainer.model.save_pretrained(staging)
     _set_base_name(staging / "adapter_config.json", base_name)  # after saving: PEFT would look the name up
-    trainer.processing_class.save_pretrained(staging)
     _write_recipe(staging / "recipe.yaml", recipe)
     _write_json(staging / "train_summary.json", {k: v for k, v in summary.items() if k != "metrics"})
     reporting.plot_losses(records, staging / "loss.png")
