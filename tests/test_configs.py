@@ -1,0 +1,30 @@
+"""Every shipped recipe validates, and the demo recipe trains the embedded model end to end."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_lora_process
+from lora_cli.recipe import load_recipe
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_recipes_validate(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.output_dir.startswith("runs/")
+    assert path.read_text().startswith("#"), "each recipe documents itself in a comment header"
+
+
+def test_demo_end_to_end_on_the_embedded_model(tmp_path, embedded_dir):
+    """The README's demo, shortened: train SmolLM2 on the pirate chats, then the adapter answers like a pirate."""
+    out = tmp_path / "demo"
+    trained = run_lora_process(["train", "configs/demo-smollm2.yaml", "--output-dir", out,
+                                "--set", "training.num_train_epochs=2", "--set", "data.eval=null"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Data audit" in trained.stdout and "Done." in trained.stdout
+    answer = run_lora_process(["generate", out, "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
+                               "--compare-base"])
+    assert answer.returncode == 0, answer.stderr[-3000:]
+    assert "Arr" in answer.stdout and "Paris" in answer.stdout
