@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import BATCH, SEQ, TARGETS, WORK, build_model, write_data  # noqa: E402
+from speed import BATCH, SEQ, TARGETS, WORK, build_model, save_record, write_data
 
 STEPS = 20
 
@@ -96,9 +96,7 @@ def main() -> None:
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/distributed.py --modes {args.modes} --gpus {args.gpus}", "date": date,
         }
-        path = out / f"{date}-{args.arch}-qlora-{mode}-{result['num_gpus']}gpu.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+        save_record(out / f"{date}-{args.arch}-qlora-{mode}-{result['num_gpus']}gpu.json", record)
 
 
 if __name__ == "__main__":

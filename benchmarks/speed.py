@@ -261,9 +261,12 @@ def write_records(results: dict, args, gpu: str) -> None:
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
-        path = out / f"{date}-{args.arch}-{mode}.json"
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+        save_record(out / f"{date}-{args.arch}-{mode}.json", record)
+
+
+def save_record(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

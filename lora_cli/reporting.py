@@ -147,7 +147,7 @@ def model_card(recipe, base_name: str, summary: dict, audit_report: dict) -> str
         if recipe.quantization and recipe.quantization.load_in_4bit else "8-bit LoRA" if recipe.is_quantized else "LoRA"
     targets = lora.target_modules if lora.target_modules else "PEFT's default for the architecture"
     losses = final_losses(summary.get("metrics", []))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
     return f"""---
 base_model: {base_name}
 library_name: peft

@@ -211,7 +211,6 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
 
 
 def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, callbacks=()):
-    import torch
     from trl import SFTTrainer
 
     from lora_cli.reporting import ProgressAndMetrics

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import REPO, error_line, run_cli, write_jsonl
 from lora_cli.checkpoints import MARKER, checkpoint_folders, read_marker
-from lora_cli.errors import LoraError
 from lora_cli.recipe import load_recipe
 from lora_cli.train import newest_checkpoint, train
 
