@@ -10,7 +10,8 @@ setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/lora train configs/demo-smollm2.yaml --overwrite
-	$(BIN)/lora generate runs/demo-smollm2 --compare-base --prompt "What does the lora command do?"
+	$(BIN)/lora generate runs/demo-smollm2 --compare-base --max-new-tokens 60 \
+		--prompt "What is the capital of France?" --prompt "How do I make tea?"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

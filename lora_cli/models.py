@@ -205,12 +205,14 @@ def is_adapter_folder(path) -> bool:
 
 def not_an_adapter(folder: Path) -> str:
     """Why a folder without adapter_config.json is not an adapter, and what the user may have meant."""
-    found = [*folder.glob(f"checkpoint-*/{ADAPTER_CONFIG}"), *folder.glob(f"checkpoints/checkpoint-*/{ADAPTER_CONFIG}")]
-    checkpoints = sorted(found, key=lambda p: p.stat().st_mtime)
+    from lora_cli.checkpoints import complete_checkpoints
+
+    # Only checkpoints written completely: a kill mid-save leaves one that must not be offered.
+    checkpoints = [*complete_checkpoints(folder), *complete_checkpoints(folder / "checkpoints")]
     if checkpoints:
         return (
             f"'{folder}' has no {ADAPTER_CONFIG}, so training did not finish there; "
-            f"its newest checkpoint is an adapter: {checkpoints[-1].parent}"
+            f"its newest complete checkpoint is an adapter: {checkpoints[-1]}"
         )
     if (folder / "config.json").is_file():
         return f"'{folder}' is a model folder (config.json), not an adapter folder ({ADAPTER_CONFIG})."
