@@ -290,8 +290,12 @@ def test_folders_that_are_not_adapters(tiny_llama, tmp_path, capsys):
         result = run_cli(["merge", folder, tmp_path / "out"], capsys)
         assert result.code == 2 and message in result.err, result.err
     run = tmp_path / "run"
-    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-10" / "adapter_config.json").write_text("{}")
+    checkpoint = run / "checkpoints" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_config.json").write_text("{}")
+    result = run_cli(["merge", run, tmp_path / "out"], capsys)
+    assert result.code == 2 and "none of its checkpoints was written completely" in result.err  # a kill mid-save
+    (checkpoint / "lora_complete.json").write_text(json.dumps({"step": 10, "files": {"adapter_config.json": 2}}))
     result = run_cli(["merge", run, tmp_path / "out"], capsys)
     assert result.code == 2 and "checkpoint-10" in result.err
     assert not (tmp_path / "out").exists()
