@@ -133,10 +133,14 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     if mode == "lora_nogc":
         raw["training"]["gradient_checkpointing"] = False
+    if mode.endswith("_offload"):  # transformers' own: checkpointed layer inputs kept in pinned host memory
+        raw["training"]["gradient_checkpointing_kwargs"] = {"offload": True}
     records = []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True, callbacks=[timer_callback(records)])
     adapter = load_file(Path(raw["output_dir"]) / "adapter_model.safetensors")
-    return {**measure(records, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"]}
+    # The final loss, to check that a speed or memory lever trains the same (same seed, same data).
+    return {**measure(records, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"],
+            "loss": summary["final"]["train_loss"]}
 
 
 def run_baseline(mode: str, arch: str) -> dict:
