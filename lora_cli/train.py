@@ -65,6 +65,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
             print_trainable(trainer.model)
             print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="
                   f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} packing={args.packing}")
+            print(memory_plan_text(recipe, args, trainer.model), flush=True)
     finally:
         if process.is_main_process and (dry_run or not out_existed):
             remove_empty_folders(out)  # transformers creates the checkpoint folder up front
@@ -266,6 +267,18 @@ def diverged_message(step: int, args, name: str) -> str:
         "(model.dtype: float32, or quantization.bnb_4bit_compute_dtype: float32), and check the data for empty or "
         "extremely long examples."
     )
+
+
+def memory_plan_text(recipe, args, peft_model) -> str:
+    """lora inspect-params' memory plan for this recipe's step, its row marked (an estimate for GPUs)."""
+    from lora_cli.inspect import format_memory_plan, memory_plan
+
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    lora = recipe.lora
+    plan = memory_plan(peft_model.get_base_model().config, trainable, args.max_length or 1024,
+                       args.per_device_train_batch_size, lora.target_modules, lora.r, lora.dropout, lora.use_dora)
+    method = "qlora" if recipe.quantization and recipe.quantization.load_in_4bit else "lora"
+    return format_memory_plan(plan, highlight=(method, bool(args.gradient_checkpointing)))
 
 
 def print_trainable(model) -> None:
