@@ -1,6 +1,7 @@
 """Several processes training as one (gloo on CPU), and the command line `--gpus N` builds for accelerate."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,18 @@ from conftest import REPO, write_jsonl
 from lora_cli.launch import accelerate_command, strip_gpus_option
 
 
-def test_two_processes_train_one_adapter_written_once(tmp_path, tiny_llama):
+def two_process_run(recipe, *options):
+    # torch's own launcher: accelerate needs MPI for several CPU processes; on GPUs `lora train --gpus N` uses it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lora_cli", "train",
+         str(recipe), *options],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_processes_train_one_adapter_written_once_and_resume(tmp_path, tiny_llama):
     rows = [{"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
             for i in range(16)]
     recipe = tmp_path / "recipe.yaml"
@@ -21,15 +33,10 @@ def test_two_processes_train_one_adapter_written_once(tmp_path, tiny_llama):
         "lora": {"r": 4, "target_modules": "all-linear"},
         "data": {"train": str(write_jsonl(tmp_path / "d.jsonl", rows))},
         "training": {"max_steps": 4, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 2,
-                     "gradient_checkpointing": False},
+                     "gradient_checkpointing": False, "learning_rate": 5e-3},
         "output_dir": str(tmp_path / "out"),
     }))
-    # torch's own launcher: accelerate needs MPI for several CPU processes; on GPUs `lora train --gpus N` uses it.
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lora_cli", "train", str(recipe)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = two_process_run(recipe)
     out = tmp_path / "out"
     assert proc.stdout.count("Data audit") == 1 and proc.stdout.count("Done.") == 1  # only the main process prints
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -41,6 +48,16 @@ def test_two_processes_train_one_adapter_written_once(tmp_path, tiny_llama):
     assert not (out / "training_args.bin").exists()
     weights = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in weights.items())
+
+    # Stopped after its first checkpoint (what a kill leaves), then resumed on the same number of processes:
+    # the same adapter as the uninterrupted run.
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    resumed = two_process_run(recipe, "--resume")
+    assert "checkpoint-2" in resumed.stdout
+    again = load_file(out / "adapter_model.safetensors")
+    assert max((weights[k] - again[k]).abs().max().item() for k in weights) < 1e-4
 
 
 def test_gpus_option_becomes_an_accelerate_launch():
