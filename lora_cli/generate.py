@@ -26,6 +26,7 @@ from lora_cli.models import (
     load_model,
     load_tokenizer,
     looks_like_path,
+    not_an_adapter,
     pick_dtype,
     read_adapter,
     resolve_model_path,
@@ -142,6 +143,9 @@ def _target_kind(target: str) -> str:
         if is_adapter_folder(path):
             return "adapter"
         if not (path / "config.json").is_file():
+            hint = not_an_adapter(path)
+            if "training did not finish" in hint:  # a lora train output folder from a stopped run
+                raise LoraError(f"TARGET: {hint}")
             raise LoraError(
                 f"TARGET '{target}' is neither an adapter folder (no adapter_config.json) nor a model folder "
                 "(no config.json)."

@@ -236,7 +236,7 @@ def test_generate_and_merge_on_folders_that_are_not_models(tmp_path, capsys):
     killed.mkdir(parents=True)
     (killed / "adapter_config.json").write_text("{}")
     message = error_line(run_cli(["generate", tmp_path / "killed-run", "--prompt", "hi"], capsys))
-    assert "killed-run" in message
+    assert "killed-run" in message and "training did not finish" in message
     message = error_line(run_cli(["merge", tmp_path / "killed-run", tmp_path / "merged"], capsys))
     assert "training did not finish" in message
     assert not (tmp_path / "merged").exists()
