@@ -1,0 +1,61 @@
+"""GPU defaults decided from the memory plan: checkpointing off when bf16 LoRA fits, offload when QLoRA does not."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lora_cli.inspect import memory_plan, registry_config
+from lora_cli.recipe import LoraSection
+from lora_cli.speed import (
+    MEMORY_HEADROOM,
+    choose_checkpointing,
+    lora_parameter_count,
+    offload_supported,
+    offloaded_bytes,
+)
+
+GIB = 2**30
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama8b():
+    """The Llama-3.1-8B shape on the meta device, its LoRA size and its memory plan at batch 2 x 2048."""
+    config = registry_config("llama-3.1-8b")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    lora = LoraSection(r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
+    trainable = lora_parameter_count(model, lora)
+    plan = memory_plan(config, trainable, 2048, 2, TARGETS, 16, 0.0, False)
+    return config, trainable, plan
+
+
+def device_bytes(plan, method, checkpointing):
+    return next(r["device"] for r in plan["rows"] if r["method"] == method and r["gradient_checkpointing"] == checkpointing)
+
+
+def test_adapter_size_matches_peft(llama8b):
+    assert llama8b[1] == 41_943_040  # PEFT's count for r=16 on all seven projections (test_inspect checks PEFT)
+
+
+def test_bf16_lora_drops_recomputation_only_when_it_fits(llama8b):
+    _, _, plan = llama8b
+    assert choose_checkpointing(plan, 80 * GIB, False, 0, True) == {"gradient_checkpointing": False}  # an H100
+    assert choose_checkpointing(plan, 24 * GIB, False, 0, True) == {}  # a 24 GB card keeps TRL's checkpointing
+
+
+def test_qlora_keeps_checkpointing_and_offloads_only_when_it_must(llama8b):
+    config, _, plan = llama8b
+    offload = offloaded_bytes(config, 2, 2048)
+    assert offload == 32 * 2 * 2048 * 4096 * 2
+    assert choose_checkpointing(plan, 80 * GIB, True, offload, True) == {}
+    on = device_bytes(plan, "qlora", True)
+    tight = (on - offload / 2) / MEMORY_HEADROOM  # the plan does not fit, with offloading it does
+    assert choose_checkpointing(plan, tight, True, offload, True) == {
+        "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"offload": True}}
+    assert choose_checkpointing(plan, tight, True, offload, False) == {}  # a transformers without offload
+    assert choose_checkpointing(plan, (on - 2 * offload) / MEMORY_HEADROOM, True, offload, True) == {}  # hopeless
+
+
+def test_this_transformers_can_offload():
+    assert offload_supported()
