@@ -26,7 +26,7 @@ def liger_available() -> bool:
 
 
 def offload_supported() -> bool:
-    """transformers >= 5.18 can keep checkpointed activations in host memory (activation_checkpointing_enable)."""
+    """Whether this transformers can keep checkpointed activations in host memory (5.23 can; checked, not assumed)."""
     from transformers import PreTrainedModel
 
     method = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
