@@ -345,22 +345,9 @@ def _last_turn_as_completion(record: dict) -> dict:
 
 def end_of_turn_ids(tokenizer) -> set[int]:
     """The EOS token and the special token that closes an assistant turn in the chat template."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    if tokenizer.chat_template:
-        marker = "lora-end-of-turn-probe"
-        try:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
-            )
-        except Exception:  # a template that needs more than plain turns: the EOS alone is our best answer
-            return ids
-        tail = text.split(marker, 1)[-1]
-        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-        for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-            if token_id in special:
-                ids.add(token_id)
-                break
-    return ids
+    from lora_cli.models import end_of_turn_id
+
+    return {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None}
 
 
 def audit(trainer, train_set, max_length: int | None) -> dict:
