@@ -18,7 +18,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.errors import LoraError
+from lora_cli.errors import LoraError, first_line
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -53,7 +53,7 @@ def read_rows(spec: str, field: str) -> Rows:
     """Rows from a local file, a folder of files, or a hub dataset id."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in READERS)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in READERS)
         if not files:
             raise LoraError(f"{field}: the folder '{spec}' has no .jsonl, .json, .csv, .parquet or .txt file.")
         parts = [read_rows(str(p), field) for p in files]
@@ -130,7 +130,7 @@ def _read_parquet(path: Path, field: str):
     try:
         records = pyarrow.parquet.read_table(path).to_pylist()
     except (ValueError, OSError) as e:  # ArrowInvalid: not a parquet file, or a damaged one
-        raise LoraError(f"{field}: {path} cannot be read as parquet: {str(e).strip().splitlines()[0]}") from None
+        raise LoraError(f"{field}: {path} cannot be read as parquet: {first_line(e)}") from None
     return records, list(range(1, len(records) + 1))
 
 
@@ -152,9 +152,8 @@ def _read_hub(spec: str, field: str) -> Rows:
     try:
         dataset = datasets.load_dataset(spec, split="train")
     except Exception as e:  # datasets raises many types for a missing or unreachable dataset
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoraError(
-            f"{field}: '{spec}' is not a local file or folder, and loading it as a hub dataset failed: {reason}"
+            f"{field}: '{spec}' is not a local file or folder, and loading it as a hub dataset failed: {first_line(e)}"
         ) from None
     records = dataset.to_list()
     return Rows(records, list(range(1, len(records) + 1)), spec)

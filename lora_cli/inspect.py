@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.architectures import ARCHITECTURES, find_architecture
-from lora_cli.errors import LoraError, did_you_mean
+from lora_cli.errors import LoraError, did_you_mean, first_line
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
 from lora_cli.recipe import LoraSection
 
@@ -214,8 +214,9 @@ def build_meta_model(config, trust_remote_code: bool = False):
             warnings.simplefilter("ignore")
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise LoraError(f"The model type '{config.model_type}' is not a causal language model: {reason}") from None
+        raise LoraError(
+            f"The model type '{config.model_type}' is not a causal language model: {first_line(error)}"
+        ) from None
 
 
 def _decoder_layers(model):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, embedded_model_dir
-from lora_cli.errors import LoraError
+from lora_cli.errors import LoraError, first_line
 from lora_cli.recipe import ModelSection, QuantizationSection
 
 
@@ -83,7 +83,7 @@ def load_config(path: str, trust_remote_code: bool = False, field: str = "model.
 
 
 def _load_failure(path: str, field: str, error: Exception) -> str:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     if looks_like_path(path):
         return f"{field}: the model in '{path}' cannot be loaded: {reason}"
     return (

@@ -114,7 +114,7 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, dry_run: bool) ->
         raise LoraError(f"The output folder '{out}' is a file; set output_dir (or --output-dir) to a folder.")
     if dry_run or resume or overwrite:
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and any(out.iterdir()):
         raise LoraError(
             f"The output folder '{out}' is not empty. Use --resume to continue the run in it, --overwrite to "
             "replace it, or --output-dir to write elsewhere."
@@ -193,14 +193,13 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
     kwargs["output_dir"] = str(out / CHECKPOINTS)
     kwargs.setdefault("assistant_only_loss", assistant_only_loss)
     compute_dtype = pick_dtype(recipe.model.dtype)
+    # TRL turns bf16 autocast on by default; on a CPU (fp32 unless the recipe says) that is about 15x slower.
+    kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
     if not has_accelerator():
-        # TRL turns bf16 autocast on by default; on a CPU that is about 15x slower than fp32.
-        kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
         kwargs.setdefault("fp16", False)
         kwargs.setdefault("dataloader_pin_memory", False)
         kwargs.setdefault("use_cpu", True)  # also what makes several CPU processes (torchrun) train as one, on gloo
     else:
-        kwargs.setdefault("bf16", compute_dtype == torch.bfloat16)
         kwargs.setdefault("fp16", compute_dtype == torch.float16)
         for key, value in gpu_speed_defaults(model, recipe, kwargs).items():
             kwargs.setdefault(key, value)
