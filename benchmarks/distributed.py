@@ -3,16 +3,22 @@
 Runs on a machine with 2+ GPUs, with the same random-weight model and fixed 2,048-token rows as speed.py:
 
     python benchmarks/distributed.py --modes single,ddp,fsdp --gpus 2 --results benchmarks/results
+    python benchmarks/distributed.py --modes resume-ddp,resume-fsdp --arch tiny --gpus 2
 
 Each mode runs the real command, `lora train RECIPE [--gpus N]`, on a QLoRA recipe (NF4, double quantization,
 r=16 on all linear layers, batch 2 x 2048 per GPU). Throughput comes from the run's metrics.jsonl: tokens
 (counted across all GPUs) between the first and the last log, over the time between them; peak is rank 0's
 torch.cuda.max_memory_allocated during training, from train_summary.json.
+
+resume-ddp and resume-fsdp check resuming with the same number of GPUs: 6 steps straight, then the state a kill
+after the checkpoint of step 3 leaves (later checkpoint and adapter removed) resumed with --resume; the two
+adapters are compared, and the FSDP adapter goes through `lora merge`.
 """
 
 import argparse
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,25 +31,62 @@ from speed import BATCH, SEQ, TARGETS, WORK, build_model, save_record, write_dat
 STEPS = 20
 
 
-def recipe_file(mode: str, arch: str) -> Path:
+def recipe_file(name: str, arch: str, distributed: str | None, steps: int = STEPS, save_steps: int | None = None) -> Path:
+    training = {"max_steps": steps, "per_device_train_batch_size": BATCH, "learning_rate": 2e-4,
+                "logging_steps": 5, "save_strategy": "no", "max_length": SEQ}
+    if save_steps:
+        training.update(save_strategy="steps", save_steps=save_steps, logging_steps=1)
     recipe = {
         "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
         "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
         "data": {"train": str(write_data("fixed"))},
-        "training": {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "learning_rate": 2e-4,
-                     "logging_steps": 5, "save_strategy": "no", "max_length": SEQ},
-        "output_dir": str(WORK / f"dist-{mode}"),
+        "training": training,
+        "output_dir": str(WORK / f"dist-{name}"),
     }
-    if mode == "fsdp":
+    if distributed == "fsdp":
         recipe["distributed"] = "fsdp"
-    path = WORK / f"dist-{mode}.yaml"
+    path = WORK / f"dist-{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
+def lora(*args, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "lora_cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        print(f"lora {' '.join(map(str, args))}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return proc
+
+
+def check_resume(distributed: str, arch: str, gpus: int, timeout: int) -> dict | None:
+    from safetensors.torch import load_file
+
+    recipe = recipe_file(f"resume-{distributed}", arch, distributed, steps=6, save_steps=3)
+    out = WORK / f"dist-resume-{distributed}"
+    if lora("train", recipe, "--gpus", gpus, "--overwrite", timeout=timeout).returncode != 0:
+        return None
+    straight = load_file(out / "adapter_model.safetensors")
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")  # what a kill after the checkpoint of step 3 leaves
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (out / name).unlink()
+    resumed_run = lora("train", recipe, "--gpus", gpus, "--resume", timeout=timeout)
+    if resumed_run.returncode != 0:
+        return None
+    resumed = load_file(out / "adapter_model.safetensors")
+    result = {
+        "resumed_from": next((w for w in resumed_run.stdout.split() if "checkpoint-" in w), None),
+        "max_abs_difference": max((straight[k].float() - resumed[k].float()).abs().max().item() for k in straight),
+        "max_abs_weight": max(v.float().abs().max().item() for v in straight.values()),
+    }
+    if distributed == "fsdp":
+        merged = lora("merge", out, WORK / "dist-resume-fsdp-merged", "--force", timeout=timeout)
+        result["merge"] = "ok" if merged.returncode == 0 else f"failed: {(merged.stdout + merged.stderr)[-300:]}"
+    return result
+
+
 def run(mode: str, arch: str, gpus: int, timeout: int) -> dict | None:
-    command = [sys.executable, "-m", "lora_cli", "train", str(recipe_file(mode, arch)), "--overwrite"]
+    command = [sys.executable, "-m", "lora_cli", "train", str(recipe_file(mode, arch, mode)), "--overwrite"]
     if mode != "single":
         command += ["--gpus", str(gpus)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -71,12 +114,27 @@ def main() -> None:
     parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--timeout", type=int, default=200)
     args = parser.parse_args()
+    Path(args.results).mkdir(parents=True, exist_ok=True)
     import torch
 
-    build_model(args.arch)
+    # Built in a process of its own: this one must not hold GPU memory while the runs measure theirs.
+    subprocess.run([sys.executable, str(Path(__file__).with_name("speed.py")), "--arch", args.arch, "--one", "build"],
+                   check=True)
     results = {}
     for mode in args.modes.split(","):
         try:
+            if mode.startswith("resume-"):
+                distributed = mode.split("-")[1]
+                checked = check_resume(distributed, args.arch, args.gpus, args.timeout)
+                print(f"{mode:>8}: {checked}", flush=True)
+                if checked:
+                    save_record(Path(args.results) / f"{datetime.date.today().isoformat()}-{args.arch}-qlora-{mode}-"
+                                f"{args.gpus}gpu.json", {
+                                    "gpu": torch.cuda.get_device_name(0), "model": args.arch, "distributed": distributed,
+                                    "num_gpus": args.gpus, **checked, "date": datetime.date.today().isoformat(),
+                                    "command": f"python benchmarks/distributed.py --modes {args.modes} --arch "
+                                               f"{args.arch} --gpus {args.gpus}"})
+                continue
             result = run(mode, args.arch, args.gpus, args.timeout)
         except subprocess.TimeoutExpired:
             print(f"{mode}: timed out after {args.timeout} s", flush=True)

@@ -9,7 +9,13 @@ Each mode runs in its own process. `baseline_*` modes are the plain stack exactl
 `lora_cli.train.train`, the function behind `lora train`, with the recipe a user would write. Steps 5-14
 are timed (after a CUDA sync); tokens/s counts real (non-padding) tokens; peak is
 torch.cuda.max_memory_allocated from the start of training. One JSON record per `lora` mode is written
-to --results, paired with the baseline of the same data measured in the same run.
+to --results, paired with the baseline of the same data measured in the same run, with the losses both
+logged at steps 5 and 10 (same data and seed: a lever that changes training shows there).
+
+Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
+train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger (one
+default lever off); unsloth (with UNSLOTH_SITE naming its packages). BENCH_PROFILE=1 prints where the GPU time of
+two steps goes.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
+PROFILE = os.environ.get("BENCH_PROFILE") == "1"  # print where two steps' GPU time goes (steps WARM+1, WARM+2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -71,7 +78,7 @@ def write_data(kind: str) -> Path:
     return path
 
 
-def timer_callback(records: list):
+def timer_callback(records: list, losses: list):
     import torch
     from transformers import TrainerCallback
 
@@ -80,15 +87,61 @@ def timer_callback(records: list):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if PROFILE and state.global_step == WARM:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             records.append((time.time(), state.num_input_tokens_seen))
+            if PROFILE and state.global_step == WARM + 2:
+                self.profiler.__exit__(None, None, None)
+                print_profile(self.profiler)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(round(float(logs["loss"]), 5))
 
     return StepTimer()
 
 
-def measure(records, trainable: int, arch: str) -> dict:
+def print_profile(profiler) -> None:
+    """Where two steps' time goes: the busiest kernels, how much of the time the GPU computes at all, and the
+    longest idle gaps with the host calls that ran across them (a sync, an allocation, Python launching)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    table = profiler.key_averages().table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total",
+                                          row_limit=30, max_name_column_width=80)
+    lines = table.splitlines()
+    trace = Path(tempfile.mkdtemp()) / "trace.json"
+    profiler.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime" and e.get("dur", 0) > 200]
+    if kernels:
+        span = kernels[-1][1] - kernels[0][0]
+        busy, end, gaps = 0.0, kernels[0][0], []
+        for begin, finish, name in kernels:
+            if begin > end:
+                gaps.append((begin - end, end, name))
+            busy += max(0.0, finish - max(begin, end))
+            end = max(end, finish)
+        lines.append(f"GPU busy {busy / 1e3:.0f} ms of {span / 1e3:.0f} ms ({busy / span:.0%}); "
+                     f"{len(gaps)} idle gaps, {sum(g[0] for g in gaps) / 1e3:.0f} ms in all")
+        for length, at, name in sorted(gaps, reverse=True)[:12]:
+            calls = sorted({e["name"] for e in runtime if e["ts"] < at + length and e["ts"] + e["dur"] > at})
+            lines.append(f"  gap {length / 1e3:.2f} ms before {name[:60]}; host calls: {', '.join(calls)[:150]}")
+    print("\n".join("PROFILE " + line for line in lines), flush=True)
+
+
+def measure(records, losses, trainable: int, arch: str) -> dict:
     import torch
 
     (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
@@ -99,6 +152,7 @@ def measure(records, trainable: int, arch: str) -> dict:
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "mfu": round(tokens_per_second * flops_per_token / PEAK_FLOPS, 4),
         "trainable": trainable,
+        "losses": losses,  # logged at steps 5 and 10: a lever that trains differently shows here (same data, seed)
     }
 
 
@@ -133,14 +187,18 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     if mode == "lora_nogc":
         raw["training"]["gradient_checkpointing"] = False
-    if mode.endswith("_offload"):  # transformers' own: checkpointed layer inputs kept in pinned host memory
-        raw["training"]["gradient_checkpointing_kwargs"] = {"offload": True}
-    records = []
-    summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True, callbacks=[timer_callback(records)])
+    # One lever off at a time, to measure what each pays (recipe keys, as a user would turn them off).
+    if mode.endswith("_unfused"):
+        raw["speed"] = {"fused_lora": False}
+    if mode.endswith("_nooffload"):
+        raw["speed"] = {"offload_activations": False}
+    if mode.endswith("_noliger"):
+        raw["training"]["use_liger_kernel"] = False
+    records, losses = [], []
+    summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
+                    callbacks=[timer_callback(records, losses)])
     adapter = load_file(Path(raw["output_dir"]) / "adapter_model.safetensors")
-    # The final loss, to check that a speed or memory lever trains the same (same seed, same data).
-    return {**measure(records, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"],
-            "loss": summary["final"]["train_loss"]}
+    return {**measure(records, losses, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"]}
 
 
 def run_baseline(mode: str, arch: str) -> dict:
@@ -161,16 +219,16 @@ def run_baseline(mode: str, arch: str) -> dict:
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0 if gpu else "cpu"}, **kwargs)
     rows = [json.loads(line) for line in write_data(data_kind).read_text().splitlines()]
-    records = []
+    records, losses = [], []
     args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu, gradient_checkpointing="nogc" not in mode,
                      packing=False, dataloader_num_workers=0, **training_settings(data_kind))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records)],
+                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)],
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
                                                 task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
-    return measure(records, trainable, arch)
+    return measure(records, losses, trainable, arch)
 
 
 def run_unsloth(arch: str) -> dict:
@@ -187,20 +245,23 @@ def run_unsloth(arch: str) -> dict:
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth", bias="none")
     rows = [json.loads(line) for line in write_data("fixed").read_text().splitlines()]
-    records = []
+    records, losses = [], []
     settings = {k: v for k, v in training_settings("fixed").items() if k != "include_num_input_tokens_seen"}
     args = SFTConfig(output_dir=str(WORK / "out-unsloth"), bf16=True, packing=False, **settings)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[timer_callback(records)])
+                         callbacks=[timer_callback(records, losses)])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     # Unsloth may change gradient accumulation on its own: count the tokens it really processed.
     tokens_per_step = BATCH * SEQ * trainer.args.gradient_accumulation_steps
     records = [(t, i * tokens_per_step) for i, (t, _) in enumerate(records, start=1)]
-    return measure(records, trainable, arch)
+    return measure(records, losses, trainable, arch)
 
 
 def run_mode(mode: str, arch: str) -> None:
+    if mode == "build":
+        build_model(arch)
+        return
     if mode == "unsloth":
         result = run_unsloth(arch)
     else:
@@ -221,7 +282,8 @@ def main() -> None:
         return
     import torch
 
-    build_model(args.arch)
+    # Built in a process of its own: this one must not hold GPU memory while the modes measure theirs.
+    subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", "build"], check=True)
     results = {}
     for mode in args.modes.split(","):
         try:
@@ -235,7 +297,7 @@ def main() -> None:
             print(f"{mode:>16}: timed out after {args.timeout} s", flush=True)
             continue
         for line in proc.stdout.splitlines():
-            if line.startswith(("precision and speed:", "trainable params:")):
+            if line.startswith(("precision and speed:", "trainable params:", "memory plan:", "PROFILE ")):
                 print(f"{mode:>16}  {line}")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if lines:
@@ -262,6 +324,7 @@ def write_records(results: dict, args, gpu: str) -> None:
             "baseline_tok_per_s": baseline.get("tok_per_s"), "baseline_peak_gib": baseline.get("peak_gib"),
             "unsloth_tok_per_s": unsloth.get("tok_per_s") if mode == "qlora" else None,
             "unsloth_peak_gib": unsloth.get("peak_gib") if mode == "qlora" else None,
+            "losses": result["losses"], "baseline_losses": baseline.get("losses"),
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }

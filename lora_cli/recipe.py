@@ -84,6 +84,14 @@ TRAINING_RESERVED = {"output_dir": "output_dir (top level)", "model_init_kwargs"
 
 
 @dataclass
+class SpeedSection:
+    """lora's own GPU speed levers (lora_cli/kernels.py); the libraries' levers are training keys."""
+
+    fused_lora: bool = True  # one autograd function per LoRA layer instead of PEFT's chain of kernels
+    offload_activations: bool = True  # checkpointed layer inputs in host memory, copied on a side stream
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quantization: QuantizationSection | None = None
@@ -92,6 +100,7 @@ class Recipe:
     training: dict[str, Any] = field(default_factory=dict)
     output_dir: str | None = None
     distributed: str | None = None
+    speed: SpeedSection = field(default_factory=SpeedSection)
     source: str = "recipe"  # the file name errors point at
 
     @property
@@ -102,7 +111,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, as written next to every adapter."""
         out = {}
-        for name in ("model", "quantization", "lora", "data"):
+        for name in ("model", "quantization", "lora", "data", "speed"):
             section = getattr(self, name)
             out[name] = dataclasses.asdict(section) if section is not None else None
         out["training"] = dict(self.training)
@@ -111,7 +120,8 @@ class Recipe:
         return out
 
 
-SECTIONS = {"model": ModelSection, "quantization": QuantizationSection, "lora": LoraSection, "data": DataSection}
+SECTIONS = {"model": ModelSection, "quantization": QuantizationSection, "lora": LoraSection, "data": DataSection,
+            "speed": SpeedSection}
 TOP_LEVEL = (*SECTIONS, "training", "output_dir", "distributed", "versions")
 
 
@@ -343,6 +353,7 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
     quantization = _build_section("quantization", QuantizationSection, quant_raw, ctx) if quant_raw else None
     lora = _build_section("lora", LoraSection, raw.get("lora"), ctx)
     data = _build_section("data", DataSection, raw.get("data"), ctx)
+    speed = _build_section("speed", SpeedSection, raw.get("speed"), ctx)
     training = _validate_training(raw.get("training"), ctx)
 
     if not model.name_or_path.strip():
@@ -405,4 +416,4 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
         training.setdefault("eval_steps", 0.1)  # a fraction of all steps: ten evaluations per run
 
     return Recipe(model=model, quantization=quantization, lora=lora, data=data, training=training,
-                  output_dir=output_dir, distributed=distributed, source=source)
+                  output_dir=output_dir, distributed=distributed, speed=speed, source=source)

@@ -1,19 +1,20 @@
-"""Speed and memory defaults on GPUs: the measured levers that pay, each an SFTConfig key a recipe can set itself.
+"""Speed and memory defaults on GPUs: the measured levers that pay, each with a recipe key to turn it off.
 
 Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's performance table).
 - use_liger_kernel: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where Liger
-  supports the architecture (QLoRA -3% to +11% over three runs, 0.2 GiB less). Off: `training.use_liger_kernel: false`.
-- gradient_checkpointing, from the memory plan of `lora inspect-params` and the GPU's memory:
-  bf16 LoRA turns recomputation off when the step fits without it (it costs about a third of the step).
-  QLoRA keeps it on (whoever quantizes has chosen memory over speed), and when even that does not fit, the
-  checkpointed layer inputs go to pinned host memory (transformers' `offload`: 7.37 -> 6.50 GiB at 16% less
-  speed on the Llama-3.1-8B shape, same loss). The recipe decides instead with `training.gradient_checkpointing`
-  and `training.gradient_checkpointing_kwargs`.
+  supports the architecture. Off: `training.use_liger_kernel: false`.
+- gradient_checkpointing, from the memory plan of `lora inspect-params` and the GPU's memory: bf16 LoRA turns
+  recomputation off when the step fits without it (it costs about a third of the step). QLoRA keeps it on
+  (whoever quantizes has chosen memory over speed). The recipe decides instead with `training.gradient_checkpointing`.
+- lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`) and checkpointed layer inputs offloaded
+  to host memory on a side stream (`speed.offload_activations`).
 """
 
 import importlib.util
-import inspect
 import sys
+
+from accelerate import PartialState
+from transformers import TrainerCallback
 
 # Architectures Liger patches in transformers (liger_kernel.transformers.monkey_patch).
 LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
@@ -23,14 +24,6 @@ MEMORY_HEADROOM = 0.85  # plan with at most this share of the GPU memory availab
 
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
-
-
-def offload_supported() -> bool:
-    """Whether this transformers can keep checkpointed activations in host memory (5.23 can; checked, not assumed)."""
-    from transformers import PreTrainedModel
-
-    method = getattr(PreTrainedModel, "activation_checkpointing_enable", None)
-    return method is not None and "offload" in inspect.signature(method).parameters
 
 
 def lora_parameter_count(model, lora_section) -> int:
@@ -53,15 +46,12 @@ def offloaded_bytes(config, batch_size: int, seq_len: int) -> int:
     return text.num_hidden_layers * batch_size * seq_len * text.hidden_size * 2
 
 
-def choose_checkpointing(plan: dict, available: int, quantized: bool, offload_bytes: int, can_offload: bool) -> dict:
+def choose_checkpointing(plan: dict, available: int, quantized: bool) -> dict:
     """SFTConfig values for checkpointing from a memory plan and the bytes of GPU memory available to us."""
-    budget = MEMORY_HEADROOM * available
-    method = "qlora" if quantized else "lora"
-    rows = {row["gradient_checkpointing"]: row["device"] for row in plan["rows"] if row["method"] == method}
-    if not quantized and rows[False] < budget:
+    rows = {row["gradient_checkpointing"]: row["device"] for row in plan["rows"]
+            if row["method"] == ("qlora" if quantized else "lora")}
+    if not quantized and rows[False] < MEMORY_HEADROOM * available:
         return {"gradient_checkpointing": False}
-    if rows[True] >= budget and can_offload and rows[True] - offload_bytes < budget:
-        return {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"offload": True}}
     return {}
 
 
@@ -83,12 +73,46 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     free, _ = torch.cuda.mem_get_info()
     # The plan counts the weights, which may already be loaded: what this process holds is ours to plan with too.
     available = free + torch.cuda.memory_reserved()
-    choice = choose_checkpointing(plan, available, recipe.is_quantized, offloaded_bytes(model.config, batch_size, seq_len),
-                                  offload_supported() and "gradient_checkpointing_kwargs" not in training)
+    choice = choose_checkpointing(plan, available, recipe.is_quantized)
     method = "qlora" if recipe.is_quantized else "lora"
     needed = min(r["device"] for r in plan["rows"] if r["method"] == method)
+    if recipe.speed.offload_activations:
+        needed -= offloaded_bytes(model.config, batch_size, seq_len)
+    if PartialState().is_main_process:
+        rows = {r["gradient_checkpointing"]: r["device"] / 2**30 for r in plan["rows"] if r["method"] == method}
+        print(f"memory plan: {rows[False]:.1f} GiB without recomputation, {rows[True]:.1f} GiB with it; this GPU has "
+              f"{available / 2**30:.1f} GiB", flush=True)
     if not choice and needed >= MEMORY_HEADROOM * available:
         print(f"warning: the memory plan needs about {needed / 2**30:.1f} GiB and this GPU has {available / 2**30:.1f} "
               "GiB: expect out-of-memory; lower training.per_device_train_batch_size or training.max_length.",
               file=sys.stderr, flush=True)
     return {**defaults, **choice}
+
+
+def use_own_kernels(trainer, recipe) -> str:
+    """Switch on kernels.py's levers the recipe allows and this run can use; returns what was done, for the log.
+
+    Not under FSDP: it shards parameters between module calls, and both levers read weights and rerun layers
+    outside the calls its hooks wrap.
+    """
+    import torch
+
+    from lora_cli.kernels import fuse_lora_layers
+
+    if trainer.is_fsdp_enabled:
+        return "fused_lora=off offload_activations=off (FSDP)"
+    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
+    offload = (recipe.speed.offload_activations and trainer.args.gradient_checkpointing and torch.cuda.is_available()
+               and "offload" not in (trainer.args.gradient_checkpointing_kwargs or {}))
+    if offload:
+        trainer.add_callback(OffloadActivations())
+    return f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
+
+
+class OffloadActivations(TrainerCallback):
+    """Installs kernels.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from lora_cli.kernels import offloaded_checkpointing
+
+        offloaded_checkpointing(model)

@@ -26,7 +26,7 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
 from lora_cli.reporting import drop_metrics_after
-from lora_cli.speed import gpu_speed_defaults
+from lora_cli.speed import gpu_speed_defaults, use_own_kernels
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
 CHECKPOINTS = "checkpoints"
@@ -55,6 +55,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     process = PartialState()  # one process, or one of several under accelerate: only the main one writes
     try:
         trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
+        kernels = use_own_kernels(trainer, recipe)
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note
         report["format"] = fmt
@@ -64,7 +65,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         if process.is_main_process:
             print_trainable(trainer.model)
             print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="
-                  f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} packing={args.packing}")
+                  f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} packing={args.packing} {kernels}")
             print(memory_plan_text(recipe, args, trainer.model), flush=True)
     finally:
         if process.is_main_process and (dry_run or not out_existed):
@@ -204,6 +205,9 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
         for key, value in gpu_speed_defaults(model, recipe, kwargs).items():
             kwargs.setdefault(key, value)
     kwargs.setdefault("disable_tqdm", True)  # our own progress bar replaces it
+    # Every adapter weight takes part in every step, so DDP need not search the graph for unused ones (the
+    # Trainer does for PEFT models), and kernels.py's offloaded checkpointing, reentrant, requires that.
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as e:

@@ -73,12 +73,16 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, embedded_dir) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a normal model folder."""
+def tiny_llama(tmp_path_factory, request) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template, saved as a normal model folder.
+
+    TOKENIZER_DIR may name a copy of that tokenizer, on a machine without the embedded model (the GPU machine).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
+    source = os.environ.get("TOKENIZER_DIR") or request.getfixturevalue("embedded_dir")
+    tokenizer = AutoTokenizer.from_pretrained(source)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

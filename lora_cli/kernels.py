@@ -1,0 +1,235 @@
+"""Our own autograd for the two hot spots of a LoRA step on a GPU, where the libraries' generic code costs time.
+
+1. Fused LoRA linear layers. For every adapted layer PEFT runs the base layer, clones its output (4-bit), casts
+   the input to the adapter's dtype, applies dropout, two small matmuls, a scale and an add: each a kernel of its
+   own over the full activation, plus bitsandbytes' and PEFT's Python per call. Profiled on an H100 (Llama-3.1-8B
+   shape, `BENCH_PROFILE=1 python benchmarks/speed.py`), those elementwise kernels took about 30% of the GPU time
+   of a step, and the GPU idled while Python launched them. `LoraLinear` below computes
+   out = x W^T + s (drop(x) A^T) B^T with the adapter added in place into the base output, and its backward
+   computes the three gradients with matmuls only, dequantizing 4-bit weights as bitsandbytes does. The adapter's
+   product is written first and the base matmul accumulates onto it (its epilogue reads the output for free),
+   where an add after it would cost a read and a write of the output: 7% of the step in the profile.
+   PEFT's modules, state dict and saving are untouched: only their forward is replaced while training.
+
+2. Offloaded checkpointing. With activation checkpointing a decoder layer keeps only its input for the backward
+   recomputation; transformers can keep it in host memory (`offload`), but copies on the compute stream, which
+   cost 16% of a QLoRA step. `OffloadedCheckpoint` copies on a side stream while the layer computes and brings
+   the input of the next layer to recompute back while the current one runs its backward.
+
+Each has a recipe key to turn it off (lora.fused_kernels, training.offload_activations; see recipe.py), and
+tests/test_kernels.py checks loss and gradients against the libraries' path.
+"""
+
+import types
+
+import torch
+
+
+def base_weight(layer, dtype):
+    """The base layer's weight in the compute dtype: dequantized for bitsandbytes 4-bit, as its own matmul does."""
+    weight = layer.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s * (drop(x) A^T) B^T, saving x, the dropout mask and x A^T (r columns) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float):
+        dtype = compute_dtype(x)
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        with torch.autocast(rows.device.type, enabled=False):
+            dropped, mask = torch.native_dropout(rows, dropout, True) if dropout > 0 else (rows, None)
+            projected = dropped @ a.t()
+            # The adapter's rank-r product first, then the base matmul adds onto it in its epilogue: the large
+            # matmul reads the output once more where an add after it would read and write it again.
+            scaled_b = b.t() * scaling
+            out = torch.mm(projected, scaled_b) if bias is None else torch.addmm(bias.to(dtype), projected, scaled_b)
+            out.addmm_(rows, base_weight(base, dtype).t())
+        ctx.base, ctx.scaling, ctx.dropout, ctx.input_dtype = base, scaling, dropout, x.dtype
+        ctx.save_for_backward(rows, mask, projected, lora_a, lora_b)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, mask, projected, lora_a, lora_b = ctx.saved_tensors
+        dtype, scaling = rows.dtype, ctx.scaling
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(rows.device.type, enabled=False):
+            grad_b_side = grad @ b  # gradient at x A^T, r columns
+            if ctx.needs_input_grad[4]:
+                grad_b = (grad.t() @ projected).mul_(scaling).to(lora_b.dtype)
+            if ctx.needs_input_grad[3]:
+                dropped = rows if mask is None else rows * mask * (1 / (1 - ctx.dropout))
+                grad_a = (grad_b_side.t() @ dropped).mul_(scaling).to(lora_a.dtype)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_b_side @ (a * scaling)  # the adapter's part first, as in the forward
+                if mask is not None:
+                    grad_x.mul_(mask).mul_(1 / (1 - ctx.dropout))
+                grad_x.addmm_(grad, base_weight(ctx.base, dtype))
+                grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype PEFT's layer would compute in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def fused_forward(self, x, *args, **kwargs):
+    """Replaces a PEFT LoRA layer's forward while training; anything unusual goes to PEFT's own forward."""
+    adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    if args or kwargs or not self.training or not fusable(self, adapter):
+        return self.peft_forward(x, *args, **kwargs)
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[adapter]
+    return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                            self.scaling[adapter], dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0)
+
+
+def fusable(layer, adapter) -> bool:
+    """Plain LoRA on a frozen linear or 4-bit base: no DoRA or other variant, no trained bias, not merged."""
+    if adapter is None or layer.disable_adapters or layer.merged or adapter not in layer.lora_A:
+        return False
+    if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(adapter, False):
+        return False
+    base = layer.get_base_layer()
+    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    return type(base) is torch.nn.Linear or (type(base).__name__ == "Linear4bit" and
+                                             getattr(base.weight, "quant_state", None) is not None)
+
+
+def fuse_lora_layers(model) -> int:
+    """Route the model's LoRA linear layers through LoraLinear while training; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and not hasattr(module, "peft_forward"):
+            base = module.get_base_layer()
+            if type(base) is torch.nn.Linear or type(base).__name__ == "Linear4bit":
+                module.peft_forward = module.forward
+                module.forward = types.MethodType(fused_forward, module)
+                count += 1
+    return count
+
+
+class HostOffloader:
+    """Pinned host copies of checkpointed layer inputs, moved on a side stream so the compute stream never waits.
+
+    Forward: each layer input is copied out while the layer computes. Backward (last layer first): the input of
+    the layer that recomputes next is brought back while the current one runs. Tensors already on the host (a
+    CPU run, as in the tests) are kept as they are.
+    """
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.on_host: dict[int, torch.Tensor] = {}
+        self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.next_key = 0
+
+    def save(self, tensor: torch.Tensor) -> int:
+        key, self.next_key = self.next_key, self.next_key + 1
+        if tensor.device.type != "cuda":
+            self.on_host[key] = tensor
+            return key
+        compute = torch.cuda.current_stream()
+        self.stream.wait_stream(compute)  # the tensor is written
+        with torch.cuda.stream(self.stream):
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        self.on_host[key] = host
+        return key
+
+    def load(self, key: int, device) -> torch.Tensor:
+        if device.type != "cuda":
+            return self.on_host.pop(key)
+        compute = torch.cuda.current_stream()
+        if key in self.prefetched:
+            tensor, ready = self.prefetched.pop(key)
+            compute.wait_event(ready)
+            tensor.record_stream(compute)
+        else:
+            compute.wait_stream(self.stream)  # the copy to the host has finished
+            tensor = self.on_host[key].to(device, non_blocking=True)
+        del self.on_host[key]
+        if key - 1 in self.on_host:  # the layer before this one recomputes next
+            self._prefetch(key - 1, device)
+        return tensor
+
+    def _prefetch(self, key: int, device) -> None:
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            tensor = self.on_host[key].to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.prefetched[key] = (tensor, ready)
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Reentrant checkpointing of one decoder layer, its input kept on the host (as torch.utils.checkpoint with
+    use_reentrant=True, which restores the RNG and autocast state the same way). transformers passes the hidden
+    states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient."""
+
+    @staticmethod
+    def forward(ctx, run, offloader, hidden_states, *args):
+        ctx.run, ctx.offloader, ctx.args, ctx.device = run, offloader, args, hidden_states.device
+        ctx.input_requires_grad = hidden_states.requires_grad
+        kind = hidden_states.device.type
+        ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if kind == "cuda" else None)
+        ctx.key = offloader.save(hidden_states)
+        with torch.no_grad():
+            return run(hidden_states, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        hidden_states = ctx.offloader.load(ctx.key, ctx.device).detach().requires_grad_(ctx.input_requires_grad)
+        enabled, dtype = ctx.autocast
+        cuda = ctx.device.type == "cuda"
+        with torch.random.fork_rng(devices=[ctx.device] if cuda else []), torch.enable_grad(), \
+                torch.autocast(ctx.device.type, dtype, enabled):
+            torch.set_rng_state(ctx.rng[0])
+            if cuda:
+                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+            outputs = ctx.run(hidden_states, *ctx.args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(out, grad) for out, grad in zip(outputs, grads)
+                 if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
+        torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
+        return (None, None, hidden_states.grad, *(None for _ in ctx.args))
+
+
+def offloaded_checkpointing(model) -> int:
+    """Make every checkpointed decoder layer keep its input on the host; returns how many layers.
+
+    transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
+    checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
+    checkpointing on: the caller does this when training begins).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    offloader = HostOffloader()
+
+    def checkpoint(run, hidden_states, *args, **kwargs):
+        return OffloadedCheckpoint.apply(run, offloader, hidden_states, *args)
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module._gradient_checkpointing_func = checkpoint
+            count += 1
+    return count

@@ -1,0 +1,134 @@
+"""lora's own kernels (lora_cli/kernels.py) against the libraries' path: same loss, same gradients.
+
+Every test runs on the CPU and, where there is one, on a GPU (run there with `python -m pytest
+tests/test_kernels.py`): only the GPU moves checkpointed inputs to the host on a side stream; on the CPU the
+same recomputation runs with the inputs left in place.
+"""
+
+import pytest
+import torch
+
+from lora_cli.kernels import LoraLinear, fuse_lora_layers, offloaded_checkpointing
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {"dtype": torch.float32, "device_map": {"": device}}
+    if quantized:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
+                                            use_dora=use_dora))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # a fresh adapter has B = 0, which would hide errors in A's gradient
+            torch.nn.init.normal_(param, std=0.05)
+    return model.train()
+
+
+def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False):
+    torch.manual_seed(1)
+    ids = torch.randint(10, 1000, (2, 24), device=device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.zero_grad()
+    with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def assert_same(reference, fused, tolerance):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, fused
+    assert loss_b == pytest.approx(loss_a, rel=tolerance, abs=tolerance)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        scale = grads_a[name].abs().max().item() + 1e-8
+        assert (grads_a[name] - grads_b[name]).abs().max().item() <= tolerance * scale, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_fused_layers_match_peft(tiny_llama, device, quantized):
+    model = peft_model(tiny_llama, device, quantized)
+    reference = loss_and_grads(model, device)
+    assert fuse_lora_layers(model) == 14  # 7 linear layers x 2 decoder layers
+    assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_layers_match_peft_under_bf16_autocast_and_checkpointing(tiny_llama, device):
+    model = peft_model(tiny_llama, device)
+    reference = loss_and_grads(model, device, torch.bfloat16, checkpointing=True)
+    fuse_lora_layers(model)
+    # Both compute in bf16; they differ in the order of roundings (PEFT rounds s * (x A^T) B^T before adding it).
+    assert_same(reference, loss_and_grads(model, device, torch.bfloat16, checkpointing=True), 3e-2)
+
+
+def test_dropout_mask_is_used_in_forward_and_backward():
+    """With dropout the fused layer equals x W^T + s (drop(x) A^T) B^T through autograd, with the same mask."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    base = torch.nn.Linear(16, 12, bias=True).requires_grad_(False)
+    a = torch.randn(4, 16, requires_grad=True)
+    b = torch.randn(12, 4, requires_grad=True)
+    torch.manual_seed(7)
+    fused = LoraLinear.apply(x, base, base.bias, a, b, 0.5, 0.3)
+    fused.square().sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    torch.manual_seed(7)
+    dropped, _ = torch.native_dropout(x.reshape(-1, 16), 0.3, True)
+    reference = base(x) + 0.5 * (dropped.view_as(x) @ a.t()) @ b.t()
+    reference.square().sum().backward()
+    assert torch.allclose(fused, reference, atol=1e-5)
+    for got, want in zip(fused_grads, (x.grad, a.grad, b.grad)):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_dora_layers_keep_peft_forward(tiny_llama):
+    model = peft_model(tiny_llama, "cpu", use_dora=True)
+    reference = loss_and_grads(model, "cpu")
+    fuse_lora_layers(model)
+    assert_same(reference, loss_and_grads(model, "cpu"), 1e-7)  # PEFT's own forward: exactly the same
+
+
+def test_evaluation_keeps_peft_forward(tiny_llama):
+    """Evaluation and generation keep PEFT's path (and bitsandbytes' inference kernels): identical logits."""
+    model = peft_model(tiny_llama, "cpu").eval()
+    ids = torch.randint(10, 1000, (1, 8))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        fuse_lora_layers(model)
+        assert torch.equal(plain, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_offloaded_checkpointing_matches_checkpointing(tiny_llama, device, quantized):
+    """On a GPU the layer inputs go to the host and back on a side stream; on the CPU they stay (same recompute)."""
+    model = peft_model(tiny_llama, device, quantized)
+    fuse_lora_layers(model)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    reference = loss_and_grads(model, device, autocast, checkpointing=True)
+    assert offloaded_checkpointing(model) == 2
+    assert_same(reference, loss_and_grads(model, device, autocast), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
+    """The recomputation draws the same dropout masks as the forward (RNG state restored)."""
+    model = peft_model(tiny_llama, device, dropout=0.3)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model)
+    assert_same(reference, loss_and_grads(model, device), 1e-5)
