@@ -183,3 +183,23 @@ def test_resume_finishes_with_the_same_adapter(tmp_path, tiny_llama, chats):
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_llama, chats):
     with pytest.raises(LoraError, match="no checkpoint"):
         train(recipe_for(tmp_path, tiny_llama, chats), resume=True)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, chats, capsys, quantized):
+    """lora train's default path against `speed.fused_lora: false` (PEFT's forward): the same adapter.
+
+    Without dropout, so both draw nothing random; tests/test_kernels.py checks the dropout masks."""
+    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if quantized else None
+    adapters = {}
+    for fused in (True, False):
+        recipe = recipe_for(tmp_path, tiny_llama, chats, out=f"fused-{fused}",
+                            training={"max_steps": 3, "learning_rate": 1e-2},
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+                            speed={"fused_lora": fused}, quantization=quantization)
+        train(recipe)
+        assert f"fused_lora={'on (14 layers)' if fused else 'off'}" in capsys.readouterr().out
+        adapters[fused] = load_file(tmp_path / f"fused-{fused}" / "adapter_model.safetensors")
+    change = max(v.abs().max().item() for k, v in adapters[False].items() if "lora_B" in k)  # B starts at 0
+    assert change > 1e-2
+    assert max((adapters[True][k] - adapters[False][k]).abs().max().item() for k in adapters[False]) < 1e-3 * change
