@@ -13,8 +13,8 @@ to --results, paired with the baseline of the same data measured in the same run
 logged at steps 5 and 10 (same data and seed: a lever that changes training shows there).
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
-train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger (one
-default lever off); unsloth (with UNSLOTH_SITE naming its packages). BENCH_PROFILE=1 prints where the GPU time of
+train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
+qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages). BENCH_PROFILE=1 prints where the GPU time of
 two steps goes.
 """
 
@@ -194,6 +194,8 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"offload_activations": False}
     if mode.endswith("_noliger"):
         raw["training"]["use_liger_kernel"] = False
+    if mode.endswith("_novarlen"):
+        raw["speed"] = {"varlen_attention": False}
     records, losses = [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
                     callbacks=[timer_callback(records, losses)])

@@ -6,8 +6,9 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - gradient_checkpointing, from the memory plan of `lora inspect-params` and the GPU's memory: bf16 LoRA turns
   recomputation off when the step fits without it (it costs about a third of the step). QLoRA keeps it on
   (whoever quantizes has chosen memory over speed). The recipe decides instead with `training.gradient_checkpointing`.
-- lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`) and checkpointed layer inputs offloaded
-  to host memory on a side stream (`speed.offload_activations`).
+- lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
+  to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
+  (`speed.varlen_attention`, with `training.packing`).
 """
 
 import importlib.util
@@ -93,21 +94,25 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
 def use_own_kernels(trainer, recipe) -> str:
     """Switch on kernels.py's levers the recipe allows and this run can use; returns what was done, for the log.
 
-    Not under FSDP: it shards parameters between module calls, and both levers read weights and rerun layers
-    outside the calls its hooks wrap.
+    Fused layers and offloading not under FSDP: it shards parameters between module calls, and both levers read
+    weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
     """
     import torch
 
-    from lora_cli.kernels import fuse_lora_layers
+    from lora_cli.kernels import fuse_lora_layers, use_varlen_attention, varlen_available
 
+    args = trainer.args
+    packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
+    varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
     if trainer.is_fsdp_enabled:
-        return "fused_lora=off offload_activations=off (FSDP)"
+        return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
-    offload = (recipe.speed.offload_activations and trainer.args.gradient_checkpointing and torch.cuda.is_available()
-               and "offload" not in (trainer.args.gradient_checkpointing_kwargs or {}))
+    offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
+               and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     if offload:
         trainer.add_callback(OffloadActivations())
-    return f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
+    return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
+            f" varlen_attention={'on' if varlen else 'off'}")
 
 
 class OffloadActivations(TrainerCallback):
