@@ -203,3 +203,13 @@ def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, 
     change = max(v.abs().max().item() for k, v in adapters[False].items() if "lora_B" in k)  # B starts at 0
     assert change > 1e-2
     assert max((adapters[True][k] - adapters[False][k]).abs().max().item() for k in adapters[False]) < 1e-3 * change
+
+
+def test_packed_run_trains_and_audits_the_unpacked_examples(tmp_path, tiny_llama, chats, capsys):
+    """training.packing: true (TRL's padding-free bfd packing) through lora train: the audit still sees examples."""
+    train(recipe_for(tmp_path, tiny_llama, chats, training={"packing": True, "max_steps": 2}))
+    out = capsys.readouterr().out
+    assert "packing=True" in out and "varlen_attention=off" in out  # varlen flash attention is for GPUs
+    audit = json.loads((tmp_path / "out" / "data_audit.json").read_text())
+    assert audit["examples"]["train"] == len(CHATS) and audit["eos_lost_to_truncation"] == 0
+    assert load_file(tmp_path / "out" / "adapter_model.safetensors")
