@@ -38,6 +38,8 @@ RESUME_MAY_DIFFER = (
     "output_dir", "training.logging_steps", "training.logging_first_step", "training.save_steps",
     "training.save_total_limit", "training.report_to", "training.run_name", "training.disable_tqdm",
     "training.eval_steps", "training.per_device_eval_batch_size", "training.dataloader_num_workers",
+    # How a step is computed, not what it computes (tests/test_kernels.py): switching one may speed a resume up.
+    "speed.fused_lora", "speed.offload_activations", "speed.varlen_attention",
 )
 # adapter_config.json keys compared on --resume, under the recipe names a user edits.
 ADAPTER_KEYS = {

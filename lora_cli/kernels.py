@@ -22,7 +22,10 @@ Each has a recipe key to turn it off (speed.fused_lora, speed.offload_activation
 tests/test_kernels.py and tests/test_packing.py check losses and gradients against the libraries' path.
 """
 
+import functools
+import inspect
 import types
+import weakref
 
 import torch
 
@@ -241,28 +244,28 @@ def offloaded_checkpointing(model) -> int:
 # only the blocks inside each sequence. transformers' own varlen path needs the flash-attn package, which is
 # not installable everywhere; this one needs only torch.
 VARLEN_ATTENTION = "lora_varlen"
-_bounds_cache: dict = {}
+_bounds_cache: list = [None, None]  # a weak reference to the last position ids seen, and their bounds
 
 
 def sequence_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
     """Cumulative sequence starts (int32, flattened over rows) and the longest sequence, from position ids that
     restart at 0 where each packed sequence begins; None when no row holds more than one sequence.
 
-    Computed once per forward pass (every layer, and the recomputation, passes the same tensor): it reads one
-    number back from the GPU.
+    Computed once per forward pass (every layer, and the recomputation, passes the same tensor object: an address
+    would not do, the allocator gives the next batch's position ids the same one): it reads one number back from
+    the GPU.
     """
-    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
-    if key not in _bounds_cache:
-        _bounds_cache.clear()
+    seen, _ = _bounds_cache
+    if seen is None or seen() is not position_ids:
         rows, length = position_ids.shape
         flat = position_ids.reshape(-1)
         starts = (flat == 0) | (torch.arange(flat.numel(), device=flat.device) % length == 0)
-        if rows * length and int(starts.sum()) == rows:
-            _bounds_cache[key] = None
-        else:
+        bounds = None
+        if int(starts.sum()) > rows:
             cu = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
-            _bounds_cache[key] = (cu, int((cu[1:] - cu[:-1]).max()))
-    return _bounds_cache[key]
+            bounds = (cu, int((cu[1:] - cu[:-1]).max()))
+        _bounds_cache[:] = [weakref.ref(position_ids), bounds]
+    return _bounds_cache[1]
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
@@ -281,13 +284,19 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.view(batch, length, heads, dim), None
 
 
-def _varlen_call(query, key, value, cu, longest, scaling):
-    """torch.nn.attention.varlen.varlen_attn, causal, across the torch versions that spell its options apart."""
-    import inspect
-
+@functools.cache
+def _varlen_options() -> frozenset:
+    """The keyword options of this torch's varlen_attn (2.11 has scale and window_size, 2.13 also enable_gqa)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    options = inspect.signature(varlen_attn).parameters
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_call(query, key, value, cu, longest, scaling):
+    """torch.nn.attention.varlen.varlen_attn, causal, across the torch versions that spell its options apart."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    options = _varlen_options()
     kwargs = {"scale": scaling} if "scale" in options else {}
     kwargs.update({"is_causal": True} if "is_causal" in options else {"window_size": (-1, 0)})
     if key.shape[1] != query.shape[1]:  # grouped-query attention

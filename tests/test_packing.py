@@ -4,6 +4,7 @@ loss of the same sequences run one by one, so no token attends across a sequence
 lora_varlen is kernels.varlen_attention (varlen flash attention for packed rows on a GPU); on the CPU it runs
 SDPA, so there the test checks that switching it on changes nothing; on a GPU it checks the varlen kernel."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -52,3 +53,14 @@ def test_sequence_bounds_from_position_ids():
     # A row that starts mid-sequence (5, 6, ...) begins a sequence of its own: no attention across rows.
     assert cu.tolist() == [0, 3, 5, 9, 14, 17, 18] and longest == 5
     assert sequence_bounds(torch.arange(6).repeat(2, 1)) is None  # one sequence a row: plain SDPA
+
+
+def test_sequence_bounds_are_not_reused_for_a_new_batch_at_the_same_address():
+    """The next step's position ids often get the freed memory of the last ones: same address, same shape."""
+    memory = np.array([[0, 1, 2, 0, 1, 2]])
+    first = torch.from_numpy(memory)
+    assert sequence_bounds(first)[0].tolist() == [0, 3, 6]
+    memory[0] = [0, 1, 0, 1, 2, 3]
+    second = torch.from_numpy(memory)
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    assert sequence_bounds(second)[0].tolist() == [0, 2, 6]
