@@ -41,12 +41,6 @@ def lora_parameter_count(model, lora_section) -> int:
     return total
 
 
-def offloaded_bytes(config, batch_size: int, seq_len: int) -> int:
-    """What offloading moves to the host: each decoder layer's bf16 input, kept for recomputation."""
-    text = config.get_text_config()
-    return text.num_hidden_layers * batch_size * seq_len * text.hidden_size * 2
-
-
 def choose_checkpointing(plan: dict, available: int, quantized: bool) -> dict:
     """SFTConfig values for checkpointing from a memory plan and the bytes of GPU memory available to us."""
     rows = {row["gradient_checkpointing"]: row["device"] for row in plan["rows"]
@@ -77,7 +71,7 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     choice = choose_checkpointing(plan, available, recipe.is_quantized)
     method = "qlora" if recipe.is_quantized else "lora"
     needed = min(r["device"] for r in plan["rows"] if r["method"] == method)
-    offloaded = offloaded_bytes(model.config, batch_size, seq_len) if recipe.speed.offload_activations else 0
+    offloaded = plan["offloaded"] if recipe.speed.offload_activations else 0
     needed -= offloaded
     if PartialState().is_main_process:
         rows = {r["gradient_checkpointing"]: r["device"] / 2**30 for r in plan["rows"] if r["method"] == method}

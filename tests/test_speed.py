@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_cli.inspect import memory_plan, registry_config
+from lora_cli.inspect import format_memory_plan, memory_plan, registry_config
 from lora_cli.recipe import LoraSection
-from lora_cli.speed import choose_checkpointing, lora_parameter_count, offloaded_bytes
+from lora_cli.speed import choose_checkpointing, lora_parameter_count
 
 GIB = 2**30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,7 +39,12 @@ def test_bf16_lora_drops_recomputation_only_when_it_fits(llama8b):
 
 
 def test_qlora_keeps_checkpointing(llama8b):
-    config, _, plan = llama8b
+    _, _, plan = llama8b
     assert choose_checkpointing(plan, 141 * GIB, True) == {}
-    # What offloading takes off the GPU: each layer's bf16 input (kernels.offloaded_checkpointing).
-    assert offloaded_bytes(config, 2, 2048) == 32 * 2 * 2048 * 4096 * 2
+
+
+def test_plan_names_what_offloading_moves_to_the_host(llama8b):
+    """Each layer's bf16 input; the H100 measured 7.37 -> 6.56 GiB for QLoRA, the plan says 1.0 GiB less."""
+    _, _, plan = llama8b
+    assert plan["offloaded"] == 32 * 2 * 2048 * 4096 * 2
+    assert "1.00 GiB less on the rows with checkpointing on" in format_memory_plan(plan)
