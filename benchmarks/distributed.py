@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import BATCH, SEQ, TARGETS, WORK, build_model, save_record, write_data
+from speed import BATCH, SEQ, TARGETS, WORK, build_model, gpu_tag, save_record, write_data
 
 STEPS = 20
 
@@ -106,6 +106,21 @@ def run(mode: str, arch: str, gpus: int, timeout: int) -> dict | None:
     return {"tok_per_s": round(rate), "peak_gib": round(summary["peak_gib"], 2), "num_gpus": 1 if mode == "single" else gpus}
 
 
+def resume_mode(mode: str, args) -> None:
+    import torch
+
+    distributed = mode.split("-")[1]
+    checked = check_resume(distributed, args.arch, args.gpus, args.timeout)
+    print(f"{mode:>8}: {checked}", flush=True)
+    if not checked:
+        return
+    gpu, date = torch.cuda.get_device_name(0), datetime.date.today().isoformat()
+    command = f"python benchmarks/distributed.py --modes {args.modes} --arch {args.arch} --gpus {args.gpus}"
+    save_record(Path(args.results) / f"{date}-{gpu_tag(gpu, args.gpus)}-{args.arch}-qlora-{mode}.json", {
+        "gpu": gpu, "model": args.arch, "distributed": distributed, "num_gpus": args.gpus, **checked,
+        "command": command, "date": date})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="single,ddp,fsdp")
@@ -124,16 +139,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         try:
             if mode.startswith("resume-"):
-                distributed = mode.split("-")[1]
-                checked = check_resume(distributed, args.arch, args.gpus, args.timeout)
-                print(f"{mode:>8}: {checked}", flush=True)
-                if checked:
-                    save_record(Path(args.results) / f"{datetime.date.today().isoformat()}-{args.arch}-qlora-{mode}-"
-                                f"{args.gpus}gpu.json", {
-                                    "gpu": torch.cuda.get_device_name(0), "model": args.arch, "distributed": distributed,
-                                    "num_gpus": args.gpus, **checked, "date": datetime.date.today().isoformat(),
-                                    "command": f"python benchmarks/distributed.py --modes {args.modes} --arch "
-                                               f"{args.arch} --gpus {args.gpus}"})
+                resume_mode(mode, args)
                 continue
             result = run(mode, args.arch, args.gpus, args.timeout)
         except subprocess.TimeoutExpired:
@@ -157,7 +163,7 @@ def main() -> None:
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/distributed.py --modes {args.modes} --gpus {args.gpus}", "date": date,
         }
-        save_record(out / f"{date}-{args.arch}-qlora-{mode}-{result['num_gpus']}gpu.json", record)
+        save_record(out / f"{date}-{gpu_tag(record['gpu'], result['num_gpus'])}-{args.arch}-qlora-{mode}.json", record)
 
 
 if __name__ == "__main__":

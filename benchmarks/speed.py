@@ -330,7 +330,13 @@ def write_records(results: dict, args, gpu: str) -> None:
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
-        save_record(out / f"{date}-{args.arch}-{mode}.json", record)
+        save_record(out / f"{date}-{gpu_tag(gpu)}-{args.arch}-{mode}.json", record)
+
+
+def gpu_tag(gpu: str, count: int = 1) -> str:
+    """A file-name tag for the machine: 'NVIDIA H100 80GB HBM3' -> h100, two H200s -> h200x2."""
+    model = next((word.lower() for word in gpu.split() if word[:1].isalpha() and word[1:].isdigit()), gpu.split()[0].lower())
+    return model + (f"x{count}" if count > 1 else "")
 
 
 def save_record(path: Path, record: dict) -> None:
