@@ -71,13 +71,14 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     choice = choose_checkpointing(plan, available, recipe.is_quantized)
     method = "qlora" if recipe.is_quantized else "lora"
     needed = min(r["device"] for r in plan["rows"] if r["method"] == method)
-    offloaded = plan["offloaded"] if recipe.speed.offload_activations else 0
+    checkpointing = choice.get("gradient_checkpointing", True)
+    offloaded = plan["offloaded"] if recipe.speed.offload_activations and checkpointing else 0
     needed -= offloaded
     if PartialState().is_main_process:
         rows = {r["gradient_checkpointing"]: r["device"] / 2**30 for r in plan["rows"] if r["method"] == method}
+        moved = f" ({offloaded / 2**30:.1f} GiB of it moved to host memory)" if offloaded else ""
         print(f"memory plan (GPU memory with the CUDA context): {rows[False]:.1f} GiB without recomputation, "
-              f"{rows[True]:.1f} GiB with it, {offloaded / 2**30:.1f} GiB of which offloading moves to the host; "
-              f"this GPU has {available / 2**30:.1f} GiB", flush=True)
+              f"{rows[True]:.1f} GiB with it{moved}; this GPU has {available / 2**30:.1f} GiB", flush=True)
     if not choice and needed >= MEMORY_HEADROOM * available:
         print(f"warning: the memory plan needs about {needed / 2**30:.1f} GiB and this GPU has {available / 2**30:.1f} "
               "GiB: expect out-of-memory; lower training.per_device_train_batch_size or training.max_length.",
