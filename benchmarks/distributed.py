@@ -86,13 +86,13 @@ def check_resume(distributed: str, arch: str, gpus: int, timeout: int) -> dict |
 
 
 def run(mode: str, arch: str, gpus: int, timeout: int) -> dict | None:
-    command = [sys.executable, "-m", "lora_cli", "train", str(recipe_file(mode, arch, mode)), "--overwrite"]
-    if mode != "single":
-        command += ["--gpus", str(gpus)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    proc = lora("train", recipe_file(mode, arch, mode), "--overwrite", *([] if mode == "single" else ["--gpus", gpus]),
+                timeout=timeout)
     out = WORK / f"dist-{mode}"
-    if proc.returncode != 0 or not (out / "train_summary.json").is_file():
-        print(f"{mode}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-4000:]}", flush=True)
+    if proc.returncode != 0:
+        return None
+    if not (out / "train_summary.json").is_file():
+        print(f"{mode}: finished without train_summary.json\n{(proc.stdout + proc.stderr)[-4000:]}", flush=True)
         return None
     for line in proc.stdout.splitlines():
         if line.startswith("precision and speed:"):

@@ -110,8 +110,14 @@ def fusable(layer, adapter) -> bool:
     base = layer.get_base_layer()
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
-    return type(base) is torch.nn.Linear or (type(base).__name__ == "Linear4bit" and
-                                             getattr(base.weight, "quant_state", None) is not None)
+    if not fusable_base(base):
+        return False
+    return type(base) is torch.nn.Linear or getattr(base.weight, "quant_state", None) is not None  # 4-bit: quantized
+
+
+def fusable_base(base) -> bool:
+    """A plain linear layer or bitsandbytes' 4-bit one (8-bit and other kinds keep PEFT's forward)."""
+    return type(base) is torch.nn.Linear or type(base).__name__ == "Linear4bit"
 
 
 def fuse_lora_layers(model) -> int:
@@ -121,8 +127,7 @@ def fuse_lora_layers(model) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "lora_A") and not hasattr(module, "peft_forward"):
-            base = module.get_base_layer()
-            if type(base) is torch.nn.Linear or type(base).__name__ == "Linear4bit":
+            if fusable_base(module.get_base_layer()):
                 module.peft_forward = module.forward
                 module.forward = types.MethodType(fused_forward, module)
                 count += 1

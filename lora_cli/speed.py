@@ -41,10 +41,15 @@ def lora_parameter_count(model, lora_section) -> int:
     return total
 
 
+def device_bytes(plan: dict, quantized: bool) -> dict[bool, int]:
+    """The plan's GPU memory for this method, by whether checkpointing is on."""
+    method = "qlora" if quantized else "lora"
+    return {row["gradient_checkpointing"]: row["device"] for row in plan["rows"] if row["method"] == method}
+
+
 def choose_checkpointing(plan: dict, available: int, quantized: bool) -> dict:
     """SFTConfig values for checkpointing from a memory plan and the bytes of GPU memory available to us."""
-    rows = {row["gradient_checkpointing"]: row["device"] for row in plan["rows"]
-            if row["method"] == ("qlora" if quantized else "lora")}
+    rows = device_bytes(plan, quantized)
     if not quantized and rows[False] < MEMORY_HEADROOM * available:
         return {"gradient_checkpointing": False}
     return {}
@@ -69,16 +74,15 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     # The plan counts the weights, which may already be loaded: what this process holds is ours to plan with too.
     available = free + torch.cuda.memory_reserved()
     choice = choose_checkpointing(plan, available, recipe.is_quantized)
-    method = "qlora" if recipe.is_quantized else "lora"
-    needed = min(r["device"] for r in plan["rows"] if r["method"] == method)
+    rows = device_bytes(plan, recipe.is_quantized)
     checkpointing = choice.get("gradient_checkpointing", True)
     offloaded = plan["offloaded"] if recipe.speed.offload_activations and checkpointing else 0
-    needed -= offloaded
+    needed = min(rows.values()) - offloaded
     if PartialState().is_main_process:
-        rows = {r["gradient_checkpointing"]: r["device"] / 2**30 for r in plan["rows"] if r["method"] == method}
         moved = f" ({offloaded / 2**30:.1f} GiB of it moved to host memory)" if offloaded else ""
-        print(f"memory plan (GPU memory with the CUDA context): {rows[False]:.1f} GiB without recomputation, "
-              f"{rows[True]:.1f} GiB with it{moved}; this GPU has {available / 2**30:.1f} GiB", flush=True)
+        print(f"memory plan (GPU memory with the CUDA context): {rows[False] / 2**30:.1f} GiB without "
+              f"recomputation, {rows[True] / 2**30:.1f} GiB with it{moved}; this GPU has {available / 2**30:.1f} GiB",
+              flush=True)
     if not choice and needed >= MEMORY_HEADROOM * available:
         print(f"warning: the memory plan needs about {needed / 2**30:.1f} GiB and this GPU has {available / 2**30:.1f} "
               "GiB: expect out-of-memory; lower training.per_device_train_batch_size or training.max_length.",

@@ -24,10 +24,6 @@ def llama8b():
     return config, trainable, plan
 
 
-def device_bytes(plan, method, checkpointing):
-    return next(r["device"] for r in plan["rows"] if r["method"] == method and r["gradient_checkpointing"] == checkpointing)
-
-
 def test_adapter_size_matches_peft(llama8b):
     assert llama8b[1] == 41_943_040  # PEFT's count for r=16 on all seven projections (test_inspect checks PEFT)
 
