@@ -7,7 +7,7 @@ Runs on a GPU machine (no downloads: the model is built from its config, the dat
 Each mode runs in its own process. `baseline_*` modes are the plain stack exactly as in the tutorials
 (transformers + PEFT + TRL SFTTrainer defaults, SDPA, gradient checkpointing); the other modes call
 `lora_cli.train.train`, the function behind `lora train`, with the recipe a user would write. Steps 5-14
-are timed (after a CUDA sync); tokens/s counts real (non-padding) tokens; peak is
+are timed (CUDA events, so the host may run ahead as in a real run); tokens/s counts real (non-padding) tokens; peak is
 torch.cuda.max_memory_allocated from the start of training. One JSON record per `lora` mode is written
 to --results, paired with the baseline of the same data measured in the same run, with the losses both
 logged at steps 5 and 10 (same data and seed: a lever that changes training shows there).
@@ -30,6 +30,7 @@ from pathlib import Path
 
 SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
 PROFILE = os.environ.get("BENCH_PROFILE") == "1"  # print where two steps' GPU time goes (steps WARM+1, WARM+2)
+TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")  # with BENCH_PROFILE: also keep each mode's trace there, gzipped
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -96,9 +97,14 @@ def timer_callback(records: list, losses: list):
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
+            # A CUDA event, not a sync: a sync a step would keep the host from running ahead of the GPU, which is
+            # what a run without this timer does.
             if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            records.append((time.time(), state.num_input_tokens_seen))
+                stamp = torch.cuda.Event(enable_timing=True)
+                stamp.record()
+            else:
+                stamp = time.time()
+            records.append((stamp, state.num_input_tokens_seen))
             if PROFILE and state.global_step == WARM + 2:
                 self.profiler.__exit__(None, None, None)
                 print_profile(self.profiler)
@@ -121,6 +127,11 @@ def print_profile(profiler) -> None:
     lines = table.splitlines()
     trace = Path(tempfile.mkdtemp()) / "trace.json"
     profiler.export_chrome_trace(str(trace))
+    if TRACE_DIR:
+        import gzip
+
+        Path(TRACE_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(TRACE_DIR) / f"trace-{sys.argv[-1]}.json.gz").write_bytes(gzip.compress(trace.read_bytes()))
     events = json.loads(trace.read_text())["traceEvents"]
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                      if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
@@ -145,7 +156,12 @@ def measure(records, losses, trainable: int, arch: str) -> dict:
     import torch
 
     (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
-    tokens_per_second = (n1 - n0) / (t1 - t0)
+    if isinstance(t0, float):
+        seconds = t1 - t0
+    else:
+        torch.cuda.synchronize()
+        seconds = t0.elapsed_time(t1) / 1e3
+    tokens_per_second = (n1 - n0) / seconds
     flops_per_token = 4 * MATMUL_PARAMS[arch] + 6 * trainable
     return {
         "tok_per_s": round(tokens_per_second),

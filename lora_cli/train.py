@@ -26,7 +26,7 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
 from lora_cli.reporting import drop_metrics_after
-from lora_cli.speed import gpu_speed_defaults, use_own_kernels
+from lora_cli.speed import gpu_speed_defaults, trim_step_overhead, use_own_kernels
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
 CHECKPOINTS = "checkpoints"
@@ -56,6 +56,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     try:
         trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
         kernels = use_own_kernels(trainer, recipe)
+        trim_step_overhead(trainer)
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note
         report["format"] = fmt
@@ -208,6 +209,9 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
     # Every adapter weight takes part in every step, so DDP need not search the graph for unused ones (the
     # Trainer does for PEFT models), and kernels.py's offloaded checkpointing, reentrant, requires that.
     kwargs.setdefault("ddp_find_unused_parameters", False)
+    # The Trainer's NaN filter reads every step's loss back from the device, a sync that leaves a GPU idle while
+    # the next step's Python runs. A NaN loss shows as NaN in the log instead, and StopOnNonFiniteWeights stops the run.
+    kwargs.setdefault("logging_nan_inf_filter", False)
     try:
         return SFTConfig(**kwargs)
     except (ValueError, TypeError) as e:
@@ -244,19 +248,26 @@ def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, call
 class StopOnNonFiniteWeights(TrainerCallback):
     """Stops the run when the adapter weights stop being finite (a NaN/inf loss), before a bad checkpoint is saved.
 
-    Trainer saves after on_step_end, so checking here keeps every saved checkpoint finite.
+    Trainer saves after on_step_end, so checking here keeps every saved checkpoint finite. The check waits for the
+    device, so it runs only on the steps that log, evaluate or save and on the last one: weights that are no longer
+    finite stay so (NaN spreads through every later update), and between those steps nothing is written.
     """
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):
         import torch
 
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        # One device sync a step: the largest |value| of each tensor in one fused call (finite unless a NaN or an
-        # inf is there), then a single finiteness test.
-        norms = torch._foreach_norm([p.detach() for _, p in named], ord=float("inf"))
+        if not (control.should_log or control.should_evaluate or control.should_save
+                or control.should_training_stop or state.global_step >= state.max_steps):
+            return
+        # The largest |value| of each tensor in one fused call (finite unless a NaN or an inf is there), then a
+        # single finiteness test: one device sync.
+        norms = torch._foreach_norm([p.detach() for _, p in self.named], ord=float("inf"))
         if torch.isfinite(torch.stack(norms)).all():
             return
-        name = next(name for (name, _), norm in zip(named, norms) if not torch.isfinite(norm))
+        name = next(name for (name, _), norm in zip(self.named, norms) if not torch.isfinite(norm))
         raise LoraError(diverged_message(state.global_step, args, name))
 
 

@@ -213,3 +213,30 @@ def test_packed_run_trains_and_audits_the_unpacked_examples(tmp_path, tiny_llama
     audit = json.loads((tmp_path / "out" / "data_audit.json").read_text())
     assert audit["examples"]["train"] == len(CHATS) and audit["eos_lost_to_truncation"] == 0
     assert load_file(tmp_path / "out" / "adapter_model.safetensors")
+
+
+def test_steps_start_in_training_mode_without_gradients_after_evaluation(tmp_path, tiny_llama, chats):
+    """speed.trim_step_overhead skips the Trainer's per-step walks over the model (train(), zero_grad()): with an
+    evaluation between steps, every step still starts with no gradient left over and trains with all modules in
+    training mode, and the evaluation runs with all of them in eval mode."""
+    from transformers import TrainerCallback
+
+    seen = {"steps": [], "eval": []}
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen["steps"].append([all(p.grad is None for p in model.parameters())])
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # after the backward
+            seen["steps"][-1].append(all(m.training for m in model.modules()))
+
+        def on_prediction_step(self, args, state, control, model=None, **kwargs):
+            seen["eval"].append(not any(m.training for m in model.modules()))
+
+    evals = write_jsonl(tmp_path / "eval.jsonl", CHATS[:4])
+    recipe = recipe_for(tmp_path, tiny_llama, chats, data={"train": str(chats), "eval": str(evals)},
+                        training={"max_steps": 3, "eval_strategy": "steps", "eval_steps": 1},
+                        lora={"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"})
+    train(recipe, callbacks=[Watch()])
+    assert seen["steps"] == [[True, True]] * 3
+    assert len(seen["eval"]) >= 3 and all(seen["eval"])
