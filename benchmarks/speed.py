@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
-PROFILE = os.environ.get("BENCH_PROFILE") == "1"  # print where two steps' GPU time goes (steps WARM+1, WARM+2)
+# BENCH_PROFILE=1: print where two steps' GPU time goes (steps WARM+1, WARM+2), with the host calls around each
+# idle gap; =cuda: GPU activity only, which leaves the host's speed as it is (the host-side profiler slows it).
+PROFILE = os.environ.get("BENCH_PROFILE") in ("1", "cuda")
 TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")  # with BENCH_PROFILE: also keep each mode's trace there, gzipped
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
@@ -90,7 +92,7 @@ def timer_callback(records: list, losses: list):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if PROFILE and state.global_step == WARM:
-                activities = [torch.profiler.ProfilerActivity.CPU]
+                activities = [] if os.environ["BENCH_PROFILE"] == "cuda" else [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
                 self.profiler = torch.profiler.profile(activities=activities)
