@@ -31,23 +31,72 @@ import torch
 
 
 def base_weight(layer, dtype):
-    """The base layer's weight in the compute dtype: dequantized for bitsandbytes 4-bit, as its own matmul does.
-
-    Through bitsandbytes' registered ops rather than functional.dequantize_4bit, whose Python (argument checks, a
-    walk of the quantization state) runs on every call: a QLoRA step dequantizes each weight three times (forward,
-    recomputation, backward), 672 calls for the Llama-3.1-8B shape, and on an H100 the GPU waited for the host.
-    """
+    """The base layer's weight in the compute dtype: dequantized for bitsandbytes 4-bit, as its own matmul does."""
     weight = layer.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
         return weight.to(dtype)
+    packed = weight.data if weight.dtype == torch.uint8 else weight.data.view(torch.uint8)
+    if packed.is_cuda and state.quant_type == "nf4" and triton_available():
+        return dequantize_nf4(packed, state, dtype)
     absmax = state.absmax
     if state.nested:  # double quantization: the block scales are quantized themselves
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32)
         absmax += state.offset
     return torch.ops.bitsandbytes.dequantize_4bit.default(
-        weight.data, absmax, state.blocksize, state.quant_type, state.shape, dtype)
+        packed, absmax, state.blocksize, state.quant_type, state.shape, dtype)
+
+
+# NF4 dequantization in one kernel. bitsandbytes takes three launches for a double-quantized weight (its block
+# scales, their offset, the weight), each behind Python and ctypes: on an H100 the host needed 50-110 us between
+# them, so the GPU idled through the attention projections of every QLoRA layer (BENCH_PROFILE=cuda). A QLoRA step
+# dequantizes each weight three times (forward, recomputation, backward): 672 times for the Llama-3.1-8B shape.
+# Same arithmetic as bitsandbytes (float32 products, rounded once to the output dtype); tests/test_kernels.py
+# checks the result is identical.
+@functools.cache
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _nf4_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_nf4_kernel(packed, scales, scales2, code2, offset, lut, out, n_bytes, n_values,
+                              BYTES: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr, NESTED: tl.constexpr):
+        index = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+        byte = tl.load(packed + index, mask=index < n_bytes, other=0).to(tl.int32)
+        block = index * 2 // BLOCK  # a byte's two values share their block
+        if NESTED:
+            quantized = tl.load(scales + block, mask=index < n_bytes, other=0).to(tl.int32)
+            scale = tl.load(code2 + quantized) * tl.load(scales2 + block // BLOCK2, mask=index < n_bytes, other=0)
+            scale = scale + tl.load(offset)
+        else:
+            scale = tl.load(scales + block, mask=index < n_bytes, other=0.0)
+        high = tl.load(lut + (byte >> 4)) * scale  # the first value of a byte is in its high half
+        low = tl.load(lut + (byte & 15)) * scale
+        values = tl.interleave(high, low)
+        where = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)
+        tl.store(out + where, values.to(out.dtype.element_ty), mask=where < n_values)
+
+    return dequantize_nf4_kernel
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    nested = state.nested
+    scales2, code2, offset = ((state.state2.absmax, state.state2.code, state.offset) if nested
+                              else (state.absmax, state.absmax, state.absmax))  # unused without double quantization
+    n_bytes, per_program = packed.numel(), 1024
+    _nf4_kernel()[(-(-n_bytes // per_program),)](
+        packed, state.absmax, scales2, code2, offset, state.code, out, n_bytes, out.numel(),
+        BYTES=per_program, BLOCK=state.blocksize, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested)
+    return out
 
 
 class LoraLinear(torch.autograd.Function):

@@ -132,3 +132,19 @@ def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
     reference = loss_and_grads(model, device, checkpointing=True)
     offloaded_checkpointing(model)
     assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-kernel NF4 dequantization runs on GPUs")
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "single-quant"])
+@pytest.mark.parametrize("shape", [(1024, 4096), (33, 65)], ids=["even", "odd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_nf4_dequantization_is_bitsandbytes_exactly(nested, shape, dtype):
+    import bitsandbytes.functional as bnb_functional
+
+    from lora_cli.kernels import dequantize_nf4
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    state.dtype = dtype  # bitsandbytes' own output in that dtype
+    assert torch.equal(dequantize_nf4(packed, state, dtype), bnb_functional.dequantize_4bit(packed, state))
