@@ -95,7 +95,8 @@ def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Ten
     n_bytes, per_program = packed.numel(), 1024
     _nf4_kernel()[(-(-n_bytes // per_program),)](
         packed, state.absmax, scales2, code2, offset, state.code, out, n_bytes, out.numel(),
-        BYTES=per_program, BLOCK=state.blocksize, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested)
+        BYTES=per_program, BLOCK=state.blocksize, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested,
+        enable_fp_fusion=False)  # bitsandbytes rounds the scale's product before adding the offset: no FMA
     return out
 
 
