@@ -6,9 +6,10 @@
    shape, `BENCH_PROFILE=1 python benchmarks/speed.py`), those elementwise kernels took about 30% of the GPU time
    of a step, and the GPU idled while Python launched them. `LoraLinear` below computes
    out = x W^T + s (drop(x) A^T) B^T with the adapter added in place into the base output, and its backward
-   computes the three gradients with matmuls only, dequantizing 4-bit weights as bitsandbytes does. (Writing the
-   adapter's product first and letting the base matmul accumulate onto it was measured 23% slower on an H100:
-   cuBLAS picks slower kernels for a large matmul that adds into its output.)
+   computes the three gradients with matmuls only, dequantizing 4-bit weights to bitsandbytes' exact values (in
+   one Triton kernel on GPUs, `dequantize_nf4`). (Writing the adapter's product first and letting the base
+   matmul accumulate onto it was measured 23% slower on an H100: cuBLAS picks slower kernels for a large matmul
+   that adds into its output.)
    PEFT's modules, state dict and saving are untouched: only their forward is replaced while training.
 
 2. Offloaded checkpointing. With activation checkpointing a decoder layer keeps only its input for the backward
@@ -383,7 +384,7 @@ def _varlen_call(query, key, value, cu, longest, scaling):
     kwargs.update({"is_causal": True} if "is_causal" in options else {"window_size": (-1, 0)})
     # Grouped-query attention: the flash kernel takes fewer key/value heads as they are (torch 2.11 without a flag,
     # later releases with enable_gqa). Repeating them instead made attention 1.5x slower on an H100 (forward and
-    # backward of the Llama-3.1-8B shape, 4,096 packed tokens: 1.44 ms against 0.97 ms).
+    # backward of the Llama-3.1-8B shape, 4,096 packed tokens: 1.50 ms against 1.03 ms, benchmarks/probe.py).
     if key.shape[1] != query.shape[1] and "enable_gqa" in options:
         kwargs["enable_gqa"] = True
     return varlen_attn(query, key, value, cu, cu, longest, longest, **kwargs)

@@ -9,6 +9,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
   to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
   (`speed.varlen_attention`, with `training.packing`).
+On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
+per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
 
 import importlib.util
