@@ -179,14 +179,14 @@ def fusable(layer, base, adapter) -> bool:
     """Plain LoRA on a frozen linear or 4-bit base: no DoRA or other variant, no trained bias."""
     if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(adapter, False):
         return False
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return False
-    return type(base) is torch.nn.Linear or getattr(base.weight, "quant_state", None) is not None  # 4-bit: quantized
+    return not (base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad))
 
 
 def fusable_base(base) -> bool:
-    """A plain linear layer or bitsandbytes' 4-bit one (8-bit and other kinds keep PEFT's forward)."""
-    return type(base) is torch.nn.Linear or type(base).__name__ == "Linear4bit"
+    """A plain linear layer or bitsandbytes' 4-bit one, quantized (8-bit and other kinds keep PEFT's forward)."""
+    if type(base) is torch.nn.Linear:
+        return True
+    return type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
 
 
 def fuse_lora_layers(model) -> int:

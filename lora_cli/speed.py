@@ -148,12 +148,13 @@ class SkipModelWalks(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        walk, mode_set = model.train, [None]
+        walk, mode_set = model.train, None
 
         def train(mode: bool = True):
-            if mode != mode_set[0]:
+            nonlocal mode_set
+            if mode != mode_set:
                 walk(mode)
-                mode_set[0] = mode
+                mode_set = mode
             return model
 
         def zero_grad(set_to_none: bool = True):
