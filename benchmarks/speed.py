@@ -14,8 +14,8 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages). BENCH_PROFILE=1 prints where the GPU time of
-two steps goes.
+qlora_nographs, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+BENCH_PROFILE=1 prints where the GPU time of two steps goes.
 """
 
 import argparse
@@ -81,9 +81,29 @@ def write_data(kind: str) -> Path:
     return path
 
 
-def timer_callback(records: list, losses: list):
+TOKENS_SEEN: list = []  # the running count of real tokens, a device tensor (count_tokens_on_device)
+
+
+def count_tokens_on_device() -> None:
+    """The Trainer's include_num_input_tokens_seen reads its count back after every step (`.item()`): a device sync
+    that leaves the GPU idle while the host clips, steps the optimizer and loads the next batch (10-14 ms a QLoRA
+    step in the GPU timeline, BENCH_PROFILE=cuda), and the Unsloth run does not count that way. So every mode here
+    counts the same real tokens (the attention mask, else the non-padding ids) on the device, read once at the end."""
+    from transformers import Trainer
+
+    def track(self, inputs):
+        mask = inputs.get("attention_mask")
+        count = mask.sum() if mask is not None else (inputs["input_ids"] != self.processing_class.pad_token_id).sum()
+        TOKENS_SEEN[:] = [count if not TOKENS_SEEN else TOKENS_SEEN[0] + count]
+
+    Trainer._track_num_input_tokens = track
+
+
+def timer_callback(records: list, losses: list, graph_pools: list | None = None):
     import torch
     from transformers import TrainerCallback
+
+    count_tokens_on_device()
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -106,7 +126,10 @@ def timer_callback(records: list, losses: list):
                 stamp.record()
             else:
                 stamp = time.time()
-            records.append((stamp, state.num_input_tokens_seen))
+            records.append((stamp, TOKENS_SEEN[0] if TOKENS_SEEN else state.num_input_tokens_seen))
+            if graph_pools is not None and state.global_step == STEPS and torch.cuda.is_available():
+                graph_pools.append(sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                                       if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)))
             if PROFILE and state.global_step == WARM + 2:
                 self.profiler.__exit__(None, None, None)
                 print_profile(self.profiler)
@@ -154,7 +177,7 @@ def print_profile(profiler) -> None:
     print("\n".join("PROFILE " + line for line in lines), flush=True)
 
 
-def measure(records, losses, trainable: int, arch: str) -> dict:
+def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:
     import torch
 
     (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
@@ -163,11 +186,14 @@ def measure(records, losses, trainable: int, arch: str) -> dict:
     else:
         torch.cuda.synchronize()
         seconds = t0.elapsed_time(t1) / 1e3
-    tokens_per_second = (n1 - n0) / seconds
+    tokens_per_second = int(n1 - n0) / seconds
     flops_per_token = 4 * MATMUL_PARAMS[arch] + 6 * trainable
     return {
         "tok_per_s": round(tokens_per_second),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        # CUDA graphs' memory pool is reserved, not allocated, while they replay: reserved shows it.
+        "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+        "graph_pool_gib": round(graph_pools[-1] / 2**30, 2) if graph_pools else None,  # memory of CUDA graphs' pools
         "mfu": round(tokens_per_second * flops_per_token / PEAK_FLOPS, 4),
         "trainable": trainable,
         "losses": losses,  # logged at steps 5 and 10: a lever that trains differently shows here (same data, seed)
@@ -214,11 +240,14 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["training"]["use_liger_kernel"] = False
     if mode.endswith("_novarlen"):
         raw["speed"] = {"varlen_attention": False}
-    records, losses = [], []
+    if mode.endswith("_nographs"):
+        raw["speed"] = {"cuda_graphs": False}
+    records, losses, graph_pools = [], [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
-                    callbacks=[timer_callback(records, losses)])
+                    callbacks=[timer_callback(records, losses, graph_pools)])
     adapter = load_file(Path(raw["output_dir"]) / "adapter_model.safetensors")
-    return {**measure(records, losses, sum(t.numel() for t in adapter.values()), arch), "steps": summary["steps"]}
+    trainable = sum(t.numel() for t in adapter.values())
+    return {**measure(records, losses, trainable, arch, graph_pools), "steps": summary["steps"]}
 
 
 def run_baseline(mode: str, arch: str) -> dict:
@@ -341,9 +370,12 @@ def write_records(results: dict, args, gpu: str) -> None:
         record = {
             "gpu": gpu, "model": args.arch, "mode": "qlora" if "qlora" in mode else "lora", "variant": mode,
             "data": data_kind, "tok_per_s": result["tok_per_s"], "peak_gib": result["peak_gib"], "mfu": result["mfu"],
+            "reserved_gib": result.get("reserved_gib"), "baseline_reserved_gib": baseline.get("reserved_gib"),
+            "graph_pool_gib": result.get("graph_pool_gib"),
             "baseline_tok_per_s": baseline.get("tok_per_s"), "baseline_peak_gib": baseline.get("peak_gib"),
             "unsloth_tok_per_s": unsloth.get("tok_per_s") if mode == "qlora" else None,
             "unsloth_peak_gib": unsloth.get("peak_gib") if mode == "qlora" else None,
+            "unsloth_reserved_gib": unsloth.get("reserved_gib") if mode == "qlora" else None,
             "losses": result["losses"], "baseline_losses": baseline.get("losses"),
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,

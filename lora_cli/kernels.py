@@ -271,14 +271,16 @@ class OffloadedCheckpoint(torch.autograd.Function):
     states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient."""
 
     @staticmethod
-    def forward(ctx, run, offloader, hidden_states, *args):
-        ctx.run, ctx.offloader, ctx.args, ctx.device = run, offloader, args, hidden_states.device
+    def forward(ctx, run, offloader, graphs, hidden_states, *args):
+        ctx.run, ctx.offloader, ctx.graphs, ctx.args, ctx.device = run, offloader, graphs, args, hidden_states.device
         ctx.input_requires_grad = hidden_states.requires_grad
         kind = hidden_states.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if kind == "cuda" else None)
         ctx.key = offloader.save(hidden_states)
         with torch.no_grad():
+            if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
+                return out
             return run(hidden_states, *args)
 
     @staticmethod
@@ -291,16 +293,22 @@ class OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng[0])
             if cuda:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            outputs = ctx.run(hidden_states, *ctx.args)
+            graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
+                       and (grad_input := ctx.graphs.backward(ctx.run, hidden_states, grads[0])) is not None)
+            if not graphed:
+                outputs = ctx.run(hidden_states, *ctx.args)
+        if graphed:
+            return (None, None, None, grad_input if ctx.input_requires_grad else None)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(out, grad) for out, grad in zip(outputs, grads)
                  if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return (None, None, hidden_states.grad, *(None for _ in ctx.args))
+        return (None, None, None, hidden_states.grad, *(None for _ in ctx.args))
 
 
-def offloaded_checkpointing(model) -> int:
-    """Make every checkpointed decoder layer keep its input on the host; returns how many layers.
+def offloaded_checkpointing(model, cuda_graphs: bool = False):
+    """Make every checkpointed decoder layer keep its input on the host, and with cuda_graphs (on a GPU) run as
+    CUDA graphs (graphs.py); returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -308,17 +316,22 @@ def offloaded_checkpointing(model) -> int:
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    offloader = HostOffloader()
+    from lora_cli.graphs import GraphPool, LayerGraphs
 
-    def checkpoint(run, hidden_states, *args, **kwargs):
-        return OffloadedCheckpoint.apply(run, offloader, hidden_states, *args)
+    offloader = HostOffloader()
+    pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
+
+    def checkpoint_with(graphs):
+        def checkpoint(run, hidden_states, *args, **kwargs):
+            return OffloadedCheckpoint.apply(run, offloader, graphs, hidden_states, *args)
+        return checkpoint
 
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            module._gradient_checkpointing_func = checkpoint
+            module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool) if pool else None)
             count += 1
-    return count
+    return count, pool
 
 
 # 3. Variable-length attention for packed rows. With padding-free packing (training.packing) transformers gives

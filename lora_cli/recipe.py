@@ -90,6 +90,7 @@ class SpeedSection:
     fused_lora: bool = True  # one autograd function per LoRA layer instead of PEFT's chain of kernels
     offload_activations: bool = True  # checkpointed layer inputs in host memory, copied on a side stream
     varlen_attention: bool = True  # packed rows (training.packing) through varlen flash attention, not masked SDPA
+    cuda_graphs: bool = True  # checkpointed decoder layers replayed as CUDA graphs (fixed-shape rows, one GPU)
 
 
 @dataclass

@@ -110,19 +110,37 @@ def use_own_kernels(trainer, recipe) -> str:
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
+    # Graphs replay fixed shapes in one process: not packed rows (their bounds change every batch), not DDP or
+    # DeepSpeed (their gradient hooks run inside the backward).
+    graphs = offload and recipe.speed.cuda_graphs and not packed and args.world_size == 1
     if offload:
-        trainer.add_callback(OffloadActivations())
+        trainer.add_callback(OffloadActivations(graphs))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
-            f" varlen_attention={'on' if varlen else 'off'}")
+            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
 
 
 class OffloadActivations(TrainerCallback):
-    """Installs kernels.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one)."""
+    """Installs kernels.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
+    drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
+
+    def __init__(self, cuda_graphs: bool):
+        self.cuda_graphs, self.pool = cuda_graphs, None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from lora_cli.kernels import offloaded_checkpointing
 
-        offloaded_checkpointing(model)
+        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        from lora_cli.kernels import offloaded_checkpointing
+
+        if self.pool is not None:
+            layers = self.pool.layers
+            if PartialState().is_main_process and self.pool.broken is None:
+                print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
+                      "replayed", flush=True)
+            offloaded_checkpointing(model)  # layers without graphs, should the model train again
+            self.pool = None
 
 
 def trim_step_overhead(trainer) -> None:

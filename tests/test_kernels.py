@@ -120,7 +120,7 @@ def test_offloaded_checkpointing_matches_checkpointing(tiny_llama, device, quant
     fuse_lora_layers(model)
     autocast = torch.bfloat16 if device == "cuda" else None
     reference = loss_and_grads(model, device, autocast, checkpointing=True)
-    assert offloaded_checkpointing(model) == 2
+    assert offloaded_checkpointing(model) == (2, None)
     assert_same(reference, loss_and_grads(model, device, autocast), 1e-5)
 
 
@@ -132,6 +132,57 @@ def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
     reference = loss_and_grads(model, device, checkpointing=True)
     offloaded_checkpointing(model)
     assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+def graphed_runs(model, device, runs=3, length=24, accumulate=1):
+    """loss_and_grads as a training loop calls it, several times: graphs are captured on the second call."""
+    results = []
+    for _ in range(runs):
+        model.zero_grad()
+        torch.manual_seed(1)
+        for _ in range(accumulate):  # gradient accumulation: .grad is added to, not replaced
+            ids = torch.randint(10, 1000, (2, length), device=device)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    return results
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["one-batch", "accumulated"])
+def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumulate):
+    """Replayed layers give the eager layers' loss and gradients (same dropout masks), step after step."""
+    model = peft_model(tiny_llama, "cuda", quantized, dropout=dropout)
+    fuse_lora_layers(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    offloaded_checkpointing(model)
+    reference = graphed_runs(model, "cuda", accumulate=accumulate)[0]
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True)
+    runs = graphed_runs(model, "cuda", runs=4, accumulate=accumulate)
+    assert pool.broken is None and all(layer.replaying for layer in pool.layers)
+    for run in runs:  # eager warm-up, capture and replay, replays
+        assert_same(reference, run, 1e-5)
+    assert_same(reference, graphed_runs(model, "cuda", runs=1, accumulate=accumulate)[0], 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_follow_a_new_shape(tiny_llama):
+    """Rows of another length run eagerly, then get graphs of their own; the first shape's graphs still replay."""
+    model = peft_model(tiny_llama, "cuda")
+    fuse_lora_layers(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    offloaded_checkpointing(model)
+    short, long = graphed_runs(model, "cuda", runs=1)[0], graphed_runs(model, "cuda", runs=1, length=40)[0]
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True)
+    for length, reference in [(24, short), (24, short), (40, long), (40, long), (24, short), (40, long)]:
+        assert_same(reference, graphed_runs(model, "cuda", runs=1, length=length)[0], 1e-5)
+    assert pool.broken is None and [len(layer.entries) for layer in pool.layers] == [2, 2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the one-kernel NF4 dequantization runs on GPUs")

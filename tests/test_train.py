@@ -240,3 +240,26 @@ def test_steps_start_in_training_mode_without_gradients_after_evaluation(tmp_pat
     train(recipe, callbacks=[Watch()])
     assert seen["steps"] == [[True, True]] * 3
     assert len(seen["eval"]) >= 3 and all(seen["eval"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_cuda_graphs_train_the_same_adapter(tmp_path, tiny_llama, capsys, dropout):
+    """QLoRA with checkpointing on fixed-length rows, the GPU default path: layers replayed as CUDA graphs train
+    the adapter that `speed.cuda_graphs: false` trains."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"input_ids": list(range(10 + i, 74 + i))} for i in range(24)])
+    adapters = {}
+    for graphs in (True, False):
+        recipe = recipe_for(tmp_path, tiny_llama, rows, out=f"graphs-{graphs}",
+                            training={"max_steps": 5, "learning_rate": 1e-2, "gradient_checkpointing": True},
+                            lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"},
+                            speed={"cuda_graphs": graphs},
+                            quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
+        train(recipe)
+        out = capsys.readouterr()
+        assert f"cuda_graphs={'on' if graphs else 'off'}" in out.out and "capture failed" not in out.err
+        assert ("CUDA graphs: 2 of 2 decoder layers replayed" in out.out) == graphs
+        adapters[graphs] = load_file(tmp_path / f"graphs-{graphs}" / "adapter_model.safetensors")
+    change = max(v.abs().max().item() for k, v in adapters[False].items() if "lora_B" in k)
+    assert change > 1e-2
+    assert max((adapters[True][k] - adapters[False][k]).abs().max().item() for k in adapters[False]) < 1e-3 * change

@@ -1,0 +1,233 @@
+"""CUDA graphs of checkpointed decoder layers: each layer's forward, and its recomputation with its backward,
+replayed as one launch each.
+
+Why: with activation checkpointing, the host launched a QLoRA step's kernels (a few hundred a layer, each behind
+Python: transformers' layer, PEFT, Liger, the autograd engine) more slowly than an H100 ran them. With the GPU
+timeline profiled (`BENCH_PROFILE=cuda python benchmarks/speed.py --modes qlora,qlora_nographs`, Llama-3.1-8B
+shape), the GPU was busy 71% of two steps without graphs and 89% with them, for the same GPU time. A graph replays
+a layer's kernels with no Python between them.
+
+How: a layer is run as usual the first time it meets an input shape (that warms up Triton and cuBLAS); the second
+time, its no-grad forward and its recomputation + backward are captured, once per layer and shape, and replayed
+from then on. Every graph reads and writes a few static buffers shared by all layers of that shape (the layer
+input, its output or input gradient, the output gradient, the rotary tables and masks), and all graphs share one
+memory pool, so the graphs hold one layer's activations, not one per layer. Adapter gradients land in ordinary
+tensors that become (or are added to) `.grad`, so zero_grad, gradient accumulation and the optimizer see them as
+usual. Dropout draws the same masks as without graphs: a replay starts from the RNG state the caller sets, as the
+eager recomputation does.
+
+Used only where that is safe: a single process (no DDP, FSDP or DeepSpeed, whose hooks run inside the backward),
+rows of fixed shapes (not packed: packed rows change their sequence bounds every batch), layer inputs and keyword
+arguments that are tensors, tuples of tensors or plain values. When a capture fails, the run goes on without
+graphs and says why. Off with `speed.cuda_graphs: false`.
+"""
+
+import functools
+import sys
+
+import torch
+
+MAX_SHAPES = 4  # graphs kept per layer; batches of more shapes than this run the others eagerly
+
+
+class Unsupported(Exception):
+    pass
+
+
+def signature(value):
+    """What must stay the same for a graph to be replayed: tensor shapes and dtypes, and plain values."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, (tuple, list)):
+        return tuple(signature(item) for item in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", value)
+    raise Unsupported(type(value).__name__)
+
+
+class Statics:
+    """The static buffers the graphs of one input shape read and write."""
+
+    def __init__(self, hidden: torch.Tensor, keywords: dict):
+        self.hidden = torch.empty_like(hidden)  # the layer input (forward and recomputation)
+        self.result = torch.empty_like(hidden)  # the layer output (forward) or the input's gradient (backward)
+        self.grad = torch.empty_like(hidden)  # the output's gradient
+        self.keywords = {name: self._like(value) for name, value in keywords.items()}
+        self.sources: dict[str, object] = {}
+
+    @staticmethod
+    def _like(value):
+        if isinstance(value, torch.Tensor):
+            return torch.empty_like(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(Statics._like(item) for item in value)
+        return value
+
+    def load(self, keywords: dict) -> None:
+        """Copy the call's tensors in. Every layer of a forward pass gets the same rotary tables and mask objects,
+        so each is copied once a pass."""
+        for name, value in keywords.items():
+            if self.sources.get(name) is not value:
+                _copy_into(self.keywords[name], value)
+                self.sources[name] = value
+
+
+def _copy_into(static, value) -> None:
+    if isinstance(static, torch.Tensor):
+        static.copy_(value)
+    elif isinstance(static, (tuple, list)):
+        for item, source in zip(static, value):
+            _copy_into(item, source)
+
+
+class GraphPool:
+    """What all layers' graphs share: the memory pool, the static buffers per shape, and whether capture works."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.statics: dict = {}
+        self.layers: list[LayerGraphs] = []
+        self.broken: str | None = None
+
+    def statics_for(self, key, hidden, keywords) -> Statics:
+        if key not in self.statics:
+            self.statics[key] = Statics(hidden, keywords)
+        return self.statics[key]
+
+    def fail(self, error: Exception) -> None:
+        self.broken = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        print(f"warning: CUDA graphs of the decoder layers are off for this run, their capture failed "
+              f"({self.broken}); training goes on without them (speed.cuda_graphs: false skips the attempt).",
+              file=sys.stderr, flush=True)
+
+
+class Entry:
+    def __init__(self):
+        self.forward: torch.cuda.CUDAGraph | None = None
+        self.backward: torch.cuda.CUDAGraph | None = None
+        self.params: list[torch.Tensor] = []
+        self.sinks: list[torch.Tensor] = []  # where the backward graph adds each parameter's gradient
+
+
+class LayerGraphs:
+    """The graphs of one checkpointed layer, one entry per input shape, captured the second time a shape comes."""
+
+    def __init__(self, module: torch.nn.Module, shared: GraphPool):
+        self.module, self.shared = module, shared
+        self.entries: dict = {}
+        self.seen: dict = {}
+        shared.layers.append(self)
+
+    @property
+    def replaying(self) -> bool:
+        return any(entry.forward and entry.backward for entry in self.entries.values())
+
+    def _entry(self, run, hidden, kind: str):
+        """The entry and static run for this call, or None to run eagerly (first sighting, unsupported call)."""
+        if self.shared.broken is not None or not isinstance(run, functools.partial) or not hidden.is_cuda:
+            return None
+        try:
+            key = (signature(hidden), signature(run.args[1:]),
+                   tuple(sorted((name, signature(value)) for name, value in run.keywords.items())))
+        except Unsupported:
+            return None
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= MAX_SHAPES:
+                return None
+            self.seen[(key, kind)] = self.seen.get((key, kind), 0) + 1
+            if self.seen[(key, kind)] < 2:
+                return None  # warm-up: Triton compiles, cuBLAS picks its kernels, outside any capture
+            entry = self.entries[key] = Entry()
+        statics = self.shared.statics_for(key, hidden, run.keywords)
+        statics.load(run.keywords)
+        static_run = functools.partial(run.func, *run.args, **statics.keywords)
+        return entry, statics, static_run
+
+    def forward(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output without autograd (the checkpointed forward), or None to run it eagerly."""
+        found = self._entry(run, hidden, "forward")
+        if found is None:
+            return None
+        entry, statics, static_run = found
+        statics.hidden.copy_(hidden)
+        if entry.forward is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"), \
+                        torch.no_grad(), _autocast_uncached(hidden):
+                    statics.result.copy_(_only_tensor(static_run(statics.hidden)))
+            except Exception as error:  # noqa: BLE001 (any capture failure: fall back, say why)
+                self.shared.fail(error)
+                return None
+            entry.forward = graph
+        entry.forward.replay()
+        return statics.result.clone()  # the static buffer is the next layer's output as well
+
+    def backward(self, run, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """Recompute the layer from its input and backpropagate grad: adds the parameters' gradients to `.grad`
+        and returns the input's gradient, or None to do it eagerly. The caller has set the RNG and autocast state
+        of the forward."""
+        found = self._entry(run, hidden, "backward")
+        if found is None:
+            return None
+        entry, statics, static_run = found
+        with torch.no_grad():  # the buffers stay out of the caller's autograd graph
+            statics.hidden.copy_(hidden)
+            statics.grad.copy_(grad)
+        if entry.backward is None and not self._capture_backward(entry, statics, static_run, hidden):
+            return None
+        sinks = entry.sinks
+        fresh = [sink for param, sink in zip(entry.params, sinks) if param.grad is not sink]
+        if fresh:
+            torch._foreach_zero_(fresh)  # the replay adds into the sinks
+        entry.backward.replay()
+        for param, sink in zip(entry.params, sinks):
+            if param.grad is None:
+                param.grad = sink
+            elif param.grad is not sink:
+                param.grad.add_(sink)
+        return statics.result.clone()
+
+    def _capture_backward(self, entry, statics, static_run, hidden) -> bool:
+        """The backward graph adds each parameter's gradient into a sink of ordinary memory, never into the pool:
+        the pool's memory is reused by every graph, and a gradient must outlive the next replay (gradient
+        accumulation runs forward graphs between backward ones)."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        sinks = [torch.zeros_like(p) for p in params]
+        kept = [p.grad for p in params]
+        for param, sink in zip(params, sinks):
+            param.grad = sink  # so the captured backward adds into it in place
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"):
+                layer_input = statics.hidden.detach().requires_grad_(True)
+                with torch.enable_grad(), _autocast_uncached(hidden):
+                    out = _only_tensor(static_run(layer_input))
+                torch.autograd.backward(out, statics.grad, inputs=[layer_input, *params])
+                statics.result.copy_(layer_input.grad)
+            replaced = [p for p, sink in zip(params, sinks) if p.grad is not sink]
+            if replaced:
+                raise Unsupported(f"the backward replaced the gradient of {len(replaced)} parameters instead of "
+                                  "adding to it")
+        except Exception as error:  # noqa: BLE001 (any capture failure: fall back, say why)
+            self.shared.fail(error)
+            return False
+        finally:
+            for param, grad in zip(params, kept):
+                param.grad = grad
+        entry.params, entry.sinks = params, sinks
+        entry.backward = graph
+        return True
+
+
+def _only_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    raise Unsupported(f"the layer returns {type(out).__name__}, not a tensor")
+
+
+def _autocast_uncached(hidden):
+    """The caller's autocast state without its cast cache (a capture must not keep casts made outside it)."""
+    kind = hidden.device.type
+    return torch.autocast(kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind), cache_enabled=False)
