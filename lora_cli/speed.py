@@ -9,6 +9,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
   to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
   (`speed.varlen_attention`, with `training.packing`).
+- CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`): rows of fixed shapes on one GPU, when
+  the memory plan leaves room for their memory pool.
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
 per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
@@ -112,11 +114,32 @@ def use_own_kernels(trainer, recipe) -> str:
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: not packed rows (their bounds change every batch), not DDP or
     # DeepSpeed (their gradient hooks run inside the backward).
-    graphs = offload and recipe.speed.cuda_graphs and not packed and args.world_size == 1
+    graphs = (offload and recipe.speed.cuda_graphs and not packed and args.world_size == 1
+              and graphs_fit(trainer.model, recipe, args))
     if offload:
         trainer.add_callback(OffloadActivations(graphs))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
+
+
+def graphs_fit(peft_model, recipe, args) -> bool:
+    """Whether the step, checkpointed and offloaded, still fits with the CUDA graphs' memory pool beside it.
+
+    The pool keeps the memory of one layer's recomputation and backward for the graphs alone (1.01 GiB for the
+    Llama-3.1-8B QLoRA step, benchmarks/results/2026-11-23-h100-llama-3.1-8b-qlora-graphs.json: about twice the
+    plan's activations per layer), memory the rest of the step cannot reuse."""
+    import torch
+
+    from lora_cli.inspect import memory_plan
+
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    config, lora = peft_model.get_base_model().config, recipe.lora
+    plan = memory_plan(config, trainable, args.max_length or 1024, args.per_device_train_batch_size,
+                       lora.target_modules, lora.r, lora.dropout, lora.use_dora)
+    rows = device_bytes(plan, recipe.is_quantized)
+    pool = 2 * (rows[False] - rows[True]) / config.get_text_config().num_hidden_layers
+    free, _ = torch.cuda.mem_get_info()
+    return rows[True] - plan["offloaded"] + pool < MEMORY_HEADROOM * (free + torch.cuda.memory_reserved())
 
 
 class OffloadActivations(TrainerCallback):
