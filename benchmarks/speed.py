@@ -86,9 +86,10 @@ TOKENS_SEEN: list = []  # the running count of real tokens, a device tensor (cou
 
 def count_tokens_on_device() -> None:
     """The Trainer's include_num_input_tokens_seen reads its count back after every step (`.item()`): a device sync
-    that leaves the GPU idle while the host clips, steps the optimizer and loads the next batch (10-14 ms a QLoRA
-    step in the GPU timeline, BENCH_PROFILE=cuda), and the Unsloth run does not count that way. So every mode here
-    counts the same real tokens (the attention mask, else the non-padding ids) on the device, read once at the end."""
+    that leaves the GPU idle while the host clips, steps the optimizer and loads the next batch (the QLoRA GPU
+    timeline, BENCH_PROFILE=cuda, had idle gaps of 10-14 ms after host syncs), and the Unsloth run does not count
+    that way. So every mode here counts the same real tokens (the attention mask, else the non-padding ids) on the
+    device, read once at the end."""
     from transformers import Trainer
 
     def track(self, inputs):

@@ -124,11 +124,11 @@ class LayerGraphs:
 
     def _entry(self, run, hidden, kind: str):
         """The entry and static run for this call, or None to run eagerly (first sighting, unsupported call)."""
-        if self.shared.broken is not None or not isinstance(run, functools.partial) or not hidden.is_cuda:
+        if (self.shared.broken is not None or not isinstance(run, functools.partial) or not hidden.is_cuda
+                or not all(isinstance(arg, torch.nn.Module) for arg in run.args)):  # only keywords get static copies
             return None
         try:
-            key = (signature(hidden), signature(run.args[1:]),
-                   tuple(sorted((name, signature(value)) for name, value in run.keywords.items())))
+            key = (signature(hidden), tuple(sorted((name, signature(value)) for name, value in run.keywords.items())))
         except Unsupported:
             return None
         entry = self.entries.get(key)

@@ -189,11 +189,15 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_llama, chats):
 def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, chats, capsys, quantized):
     """lora train's default path against `speed.fused_lora: false` (PEFT's forward): the same adapter.
 
-    Without dropout, so both draw nothing random; tests/test_kernels.py checks the dropout masks."""
+    Without dropout, so both draw nothing random; tests/test_kernels.py checks the dropout masks. In float32 on any
+    device: in bf16 the two round differently, and Adam turns a near-zero gradient's sign into a full step."""
+    if quantized and torch.cuda.is_available():
+        pytest.skip("TRL keeps QLoRA adapters in bf16 on GPUs; test_kernels.py compares the fused layers there")
     quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if quantized else None
     adapters = {}
     for fused in (True, False):
         recipe = recipe_for(tmp_path, tiny_llama, chats, out=f"fused-{fused}",
+                            model={"name_or_path": str(tiny_llama), "dtype": "float32"},
                             training={"max_steps": 3, "learning_rate": 1e-2},
                             lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
                             speed={"fused_lora": fused}, quantization=quantization)
