@@ -61,8 +61,6 @@ def choose_checkpointing(plan: dict, available: int, quantized: bool) -> dict:
 
 def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     """SFTConfig values lora sets on a GPU unless the recipe sets them itself."""
-    import torch
-
     from lora_cli.inspect import memory_plan
 
     defaults = {}
@@ -74,9 +72,7 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     seq_len, batch_size = training.get("max_length") or 1024, training.get("per_device_train_batch_size", 8)
     plan = memory_plan(model.config, lora_parameter_count(model, lora), seq_len, batch_size, lora.target_modules,
                        lora.r, lora.dropout, lora.use_dora)
-    free, _ = torch.cuda.mem_get_info()
-    # The plan counts the weights, which may already be loaded: what this process holds is ours to plan with too.
-    available = free + torch.cuda.memory_reserved()
+    available = available_gpu_bytes()
     choice = choose_checkpointing(plan, available, recipe.is_quantized)
     rows = device_bytes(plan, recipe.is_quantized)
     checkpointing = choice.get("gradient_checkpointing", True)
@@ -92,6 +88,25 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
               "GiB: expect out-of-memory; lower training.per_device_train_batch_size or training.max_length.",
               file=sys.stderr, flush=True)
     return {**defaults, **choice}
+
+
+def available_gpu_bytes() -> int:
+    """The GPU memory free to us: the plan counts the weights, which may already be loaded, so what this process
+    holds is ours to plan with too."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return free + torch.cuda.memory_reserved()
+
+
+def step_memory_plan(peft_model, recipe, args) -> dict:
+    """lora inspect-params' memory plan for the step these training arguments set up, with the exact adapter size."""
+    from lora_cli.inspect import memory_plan
+
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    lora = recipe.lora
+    return memory_plan(peft_model.get_base_model().config, trainable, args.max_length or 1024,
+                       args.per_device_train_batch_size, lora.target_modules, lora.r, lora.dropout, lora.use_dora)
 
 
 def use_own_kernels(trainer, recipe) -> str:
@@ -128,18 +143,10 @@ def graphs_fit(peft_model, recipe, args) -> bool:
     The pool keeps the memory of one layer's recomputation and backward for the graphs alone (1.01 GiB for the
     Llama-3.1-8B QLoRA step, benchmarks/results/2026-11-23-h100-llama-3.1-8b-qlora-graphs.json: about twice the
     plan's activations per layer), memory the rest of the step cannot reuse."""
-    import torch
-
-    from lora_cli.inspect import memory_plan
-
-    trainable, _ = peft_model.get_nb_trainable_parameters()
-    config, lora = peft_model.get_base_model().config, recipe.lora
-    plan = memory_plan(config, trainable, args.max_length or 1024, args.per_device_train_batch_size,
-                       lora.target_modules, lora.r, lora.dropout, lora.use_dora)
+    plan = step_memory_plan(peft_model, recipe, args)
     rows = device_bytes(plan, recipe.is_quantized)
-    pool = 2 * (rows[False] - rows[True]) / config.get_text_config().num_hidden_layers
-    free, _ = torch.cuda.mem_get_info()
-    return rows[True] - plan["offloaded"] + pool < MEMORY_HEADROOM * (free + torch.cuda.memory_reserved())
+    pool = 2 * (rows[False] - rows[True]) / peft_model.get_base_model().config.get_text_config().num_hidden_layers
+    return rows[True] - plan["offloaded"] + pool < MEMORY_HEADROOM * available_gpu_bytes()
 
 
 class OffloadActivations(TrainerCallback):

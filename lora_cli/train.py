@@ -26,7 +26,7 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
 from lora_cli.reporting import drop_metrics_after
-from lora_cli.speed import gpu_speed_defaults, trim_step_overhead, use_own_kernels
+from lora_cli.speed import gpu_speed_defaults, step_memory_plan, trim_step_overhead, use_own_kernels
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
 CHECKPOINTS = "checkpoints"
@@ -285,12 +285,9 @@ def diverged_message(step: int, args, name: str) -> str:
 
 def memory_plan_text(recipe, args, peft_model) -> str:
     """lora inspect-params' memory plan for this recipe's step, its row marked (an estimate for GPUs)."""
-    from lora_cli.inspect import format_memory_plan, memory_plan
+    from lora_cli.inspect import format_memory_plan
 
-    trainable, _ = peft_model.get_nb_trainable_parameters()
-    lora = recipe.lora
-    plan = memory_plan(peft_model.get_base_model().config, trainable, args.max_length or 1024,
-                       args.per_device_train_batch_size, lora.target_modules, lora.r, lora.dropout, lora.use_dora)
+    plan = step_memory_plan(peft_model, recipe, args)
     method = "qlora" if recipe.quantization and recipe.quantization.load_in_4bit else "lora"
     return format_memory_plan(plan, highlight=(method, bool(args.gradient_checkpointing)))
 
