@@ -19,6 +19,7 @@ The marker also records what the run was (the resolved recipe and the data's fin
 and the checkpoint's adapter_config.json, with the run it is asked to continue.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraError
+from lora_cli.recipe import SpeedSection
 
 MARKER = "lora_complete.json"
 PREFIX = "checkpoint-"
@@ -38,8 +40,9 @@ RESUME_MAY_DIFFER = (
     "output_dir", "training.logging_steps", "training.logging_first_step", "training.save_steps",
     "training.save_total_limit", "training.report_to", "training.run_name", "training.disable_tqdm",
     "training.eval_steps", "training.per_device_eval_batch_size", "training.dataloader_num_workers",
-    # How a step is computed, not what it computes (tests/test_kernels.py): switching one may speed a resume up.
-    "speed.fused_lora", "speed.offload_activations", "speed.varlen_attention",
+    # The speed section says how a step is computed, not what it computes (tests/test_kernels.py): switching a
+    # lever may speed a resume up.
+    *(f"speed.{field.name}" for field in dataclasses.fields(SpeedSection)),
 )
 # adapter_config.json keys compared on --resume, under the recipe names a user edits.
 ADAPTER_KEYS = {
