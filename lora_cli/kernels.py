@@ -111,16 +111,19 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float):
+    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float, output_read: bool = True):
         dtype = compute_dtype(x)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         with torch.autocast(rows.device.type, enabled=False):
-            out = torch.nn.functional.linear(rows, base_weight(base, dtype), None if bias is None else bias.to(dtype))
             dropped, mask = torch.native_dropout(rows, dropout, True) if dropout > 0 else (rows, None)
             projected = dropped @ a.t()
-            out.addmm_(projected, b.t(), alpha=scaling)
+            if output_read:
+                out = torch.nn.functional.linear(rows, base_weight(base, dtype), None if bias is None else bias.to(dtype))
+                out.addmm_(projected, b.t(), alpha=scaling)
+            else:  # see LEAN_RECOMPUTE: nothing reads this output, only the tensors saved for the backward count
+                out = rows.new_empty(rows.shape[0], base.out_features)
         ctx.base, ctx.scaling, ctx.dropout, ctx.input_dtype = base, scaling, dropout, x.dtype
         ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
         ctx.save_for_backward(rows, mask, projected, a, b)
@@ -146,7 +149,7 @@ class LoraLinear(torch.autograd.Function):
                 else:
                     grad_x.add_((grad_b_side @ a).mul_(mask), alpha=scaling / (1 - ctx.dropout))
                 grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def scaled_as(product: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
@@ -171,8 +174,9 @@ def fused_forward(self, x, *args, **kwargs):
         return self.peft_forward(x, *args, **kwargs)
     adapter = adapters[0]
     base = self.fused_base
+    output_read = not (Recomputation.active and getattr(self, "unread_in_recompute", False))
     return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], self.fused_adapters[adapter])
+                            self.scaling[adapter], self.fused_adapters[adapter], output_read)
 
 
 def fusable(layer, base, adapter) -> bool:
@@ -265,6 +269,31 @@ class HostOffloader:
         self.prefetched[key] = (tensor, ready)
 
 
+class Recomputation:
+    """Whether OffloadedCheckpoint is rerunning a layer for its backward (set and read in the autograd thread)."""
+
+    active = False
+
+
+# Lean recomputation. A checkpointed layer is rerun only for the tensors its backward saves, and in a Llama-style
+# decoder layer (`hidden = residual + mlp.down_proj(...)`) nothing saved depends on down_proj's output: its own
+# backward needs only its input, and the residual add needs no values. So the rerun skips that projection's
+# dequantization and matmul: 27% of a layer's weights and matmul work for the Llama-3.1-8B shape. Only
+# architectures whose layers end that way (with a norm after the MLP, as in Gemma 2 and OLMo 2, the output is
+# read), and only where down_proj is a fused LoRA layer.
+LEAN_RECOMPUTE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def lean_recompute_supported(model) -> bool:
+    return model.config.model_type in LEAN_RECOMPUTE_MODEL_TYPES
+
+
+def mark_unread_in_recompute(layer, lean: bool) -> None:
+    projection = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if hasattr(projection, "fused_adapters"):
+        projection.unread_in_recompute = lean
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     """Reentrant checkpointing of one decoder layer, its input kept on the host (as torch.utils.checkpoint with
     use_reentrant=True, which restores the RNG and autocast state the same way). transformers passes the hidden
@@ -293,10 +322,14 @@ class OffloadedCheckpoint(torch.autograd.Function):
             torch.set_rng_state(ctx.rng[0])
             if cuda:
                 torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
-            graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
-                       and (grad_input := ctx.graphs.backward(ctx.run, hidden_states, grads[0])) is not None)
-            if not graphed:
-                outputs = ctx.run(hidden_states, *ctx.args)
+            Recomputation.active = True
+            try:
+                graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
+                           and (grad_input := ctx.graphs.backward(ctx.run, hidden_states, grads[0])) is not None)
+                if not graphed:
+                    outputs = ctx.run(hidden_states, *ctx.args)
+            finally:
+                Recomputation.active = False
         if graphed:
             return (None, None, None, grad_input if ctx.input_requires_grad else None)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -306,9 +339,10 @@ class OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, None, hidden_states.grad, *(None for _ in ctx.args))
 
 
-def offloaded_checkpointing(model, cuda_graphs: bool = False):
-    """Make every checkpointed decoder layer keep its input on the host, and with cuda_graphs (on a GPU) run as
-    CUDA graphs (graphs.py); returns how many layers, and the graphs' shared pool (None without graphs).
+def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False):
+    """Make every checkpointed decoder layer keep its input on the host, with cuda_graphs (on a GPU) run as CUDA
+    graphs (graphs.py), with lean_recompute rerun without its last projection where the architecture allows
+    (LEAN_RECOMPUTE_MODEL_TYPES); returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -326,10 +360,12 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False):
             return OffloadedCheckpoint.apply(run, offloader, graphs, hidden_states, *args)
         return checkpoint
 
+    lean = lean_recompute and lean_recompute_supported(model)
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool) if pool else None)
+            mark_unread_in_recompute(module, lean)
             count += 1
     return count, pool
 

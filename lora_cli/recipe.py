@@ -91,6 +91,7 @@ class SpeedSection:
     offload_activations: bool = True  # checkpointed layer inputs in host memory, copied on a side stream
     varlen_attention: bool = True  # packed rows (training.packing) through varlen flash attention, not masked SDPA
     cuda_graphs: bool = True  # checkpointed decoder layers replayed as CUDA graphs (fixed-shape rows, one GPU)
+    lean_recompute: bool = True  # the rerun of a checkpointed layer skips down_proj, whose output no backward reads
 
 
 @dataclass

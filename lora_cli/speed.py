@@ -9,6 +9,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
   to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
   (`speed.varlen_attention`, with `training.packing`).
+- lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
+  of a Llama-style layer skips its last projection, whose output no backward reads.
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`): rows of fixed shapes on one GPU, when
   the memory plan leaves room for their memory pool.
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
@@ -117,7 +119,7 @@ def use_own_kernels(trainer, recipe) -> str:
     """
     import torch
 
-    from lora_cli.kernels import fuse_lora_layers, use_varlen_attention, varlen_available
+    from lora_cli.kernels import fuse_lora_layers, lean_recompute_supported, use_varlen_attention, varlen_available
 
     args = trainer.args
     packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
@@ -131,10 +133,13 @@ def use_own_kernels(trainer, recipe) -> str:
     # DeepSpeed (their gradient hooks run inside the backward).
     graphs = (offload and recipe.speed.cuda_graphs and not packed and args.world_size == 1
               and graphs_fit(trainer.model, recipe, args))
+    lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
     if offload:
-        trainer.add_callback(OffloadActivations(graphs))
+        trainer.add_callback(OffloadActivations(graphs, lean))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
-            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
+            f" lean_recompute={'on' if lean else 'off'} cuda_graphs={'on' if graphs else 'off'}"
+            f" varlen_attention={'on' if varlen else 'off'}")
+
 
 
 def graphs_fit(peft_model, recipe, args) -> bool:
@@ -153,13 +158,13 @@ class OffloadActivations(TrainerCallback):
     """Installs kernels.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
     drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
 
-    def __init__(self, cuda_graphs: bool):
-        self.cuda_graphs, self.pool = cuda_graphs, None
+    def __init__(self, cuda_graphs: bool, lean_recompute: bool):
+        self.cuda_graphs, self.lean_recompute, self.pool = cuda_graphs, lean_recompute, None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from lora_cli.kernels import offloaded_checkpointing
 
-        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs)
+        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         from lora_cli.kernels import offloaded_checkpointing
@@ -169,7 +174,7 @@ class OffloadActivations(TrainerCallback):
             if PartialState().is_main_process and self.pool.broken is None:
                 print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
                       "replayed", flush=True)
-            offloaded_checkpointing(model)  # layers without graphs, should the model train again
+            offloaded_checkpointing(model, lean_recompute=self.lean_recompute)  # no graphs, should it train again
             self.pool = None
 
 

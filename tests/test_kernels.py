@@ -134,6 +134,32 @@ def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
     assert_same(reference, loss_and_grads(model, device), 1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, device, quantized, dropout):
+    """The rerun without down_proj's matmul gives the same loss and gradients, and the whole step does exactly one
+    down_proj forward matmul fewer per layer (counted by torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = peft_model(tiny_llama, device, quantized, dropout=dropout)
+    fuse_lora_layers(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    runs = {}
+    for lean in (False, True):
+        offloaded_checkpointing(model, lean_recompute=lean)
+        with FlopCounterMode(display=False) as counter:
+            runs[lean] = loss_and_grads(model, device)
+        runs[lean] += (counter.get_total_flops(),)
+    (*full, full_flops), (*lean, lean_flops) = runs[False], runs[True]
+    assert_same(full, lean, 0.0)
+    config = model.config
+    tokens = 2 * 24  # loss_and_grads' batch
+    down_proj = 2 * tokens * config.intermediate_size * config.hidden_size
+    assert full_flops - lean_flops == config.num_hidden_layers * down_proj
+
+
 def graphed_runs(model, device, runs=3, length=24, accumulate=1):
     """loss_and_grads as a training loop calls it, several times: graphs are captured on the second call."""
     results = []
@@ -155,14 +181,15 @@ def graphed_runs(model, device, runs=3, length=24, accumulate=1):
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("accumulate", [1, 2], ids=["one-batch", "accumulated"])
 def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumulate):
-    """Replayed layers give the eager layers' loss and gradients (same dropout masks), step after step."""
+    """Replayed layers (rerun without down_proj) give the eager layers' loss and gradients (same dropout masks),
+    step after step."""
     model = peft_model(tiny_llama, "cuda", quantized, dropout=dropout)
     fuse_lora_layers(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     offloaded_checkpointing(model)
     reference = graphed_runs(model, "cuda", accumulate=accumulate)[0]
-    _, pool = offloaded_checkpointing(model, cuda_graphs=True)
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True)  # as lora train's defaults
     runs = graphed_runs(model, "cuda", runs=4, accumulate=accumulate)
     assert pool.broken is None and all(layer.replaying for layer in pool.layers)
     for run in runs:  # eager warm-up, capture and replay, replays
