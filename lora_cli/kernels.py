@@ -166,13 +166,20 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def active_fused_adapter(layer) -> str | None:
+    """The adapter a fused LoRA layer trains now, or None where PEFT's own forward must run."""
+    adapters = layer.active_adapters
+    if (not layer.training or len(adapters) != 1 or adapters[0] not in layer.fused_adapters
+            or layer.disable_adapters or layer.merged):
+        return None
+    return adapters[0]
+
+
 def fused_forward(self, x, *args, **kwargs):
     """Replaces a PEFT LoRA layer's forward while training; anything unusual goes to PEFT's own forward."""
-    adapters = self.active_adapters
-    if (args or kwargs or not self.training or len(adapters) != 1 or adapters[0] not in self.fused_adapters
-            or self.disable_adapters or self.merged):
+    adapter = active_fused_adapter(self)
+    if args or kwargs or adapter is None:
         return self.peft_forward(x, *args, **kwargs)
-    adapter = adapters[0]
     base = self.fused_base
     output_read = not (Recomputation.active and getattr(self, "unread_in_recompute", False))
     return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
@@ -281,11 +288,13 @@ class Recomputation:
 # dequantization and matmul: 27% of a layer's weights and matmul work for the Llama-3.1-8B shape. Only
 # architectures whose layers end that way (with a norm after the MLP, as in Gemma 2 and OLMo 2, the output is
 # read), and only where down_proj is a fused LoRA layer.
-LEAN_RECOMPUTE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# Decoder layers `h = x + attn(norm(x)); out = h + mlp.down_proj(silu(gate_proj(n)) * up_proj(n)), n = norm(h)`:
+# the shape lean recomputation and fused_mlp.py rely on.
+LLAMA_STYLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def lean_recompute_supported(model) -> bool:
-    return model.config.model_type in LEAN_RECOMPUTE_MODEL_TYPES
+    return model.config.model_type in LLAMA_STYLE_MODEL_TYPES
 
 
 def mark_unread_in_recompute(layer, lean: bool) -> None:
@@ -342,7 +351,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False):
     """Make every checkpointed decoder layer keep its input on the host, with cuda_graphs (on a GPU) run as CUDA
     graphs (graphs.py), with lean_recompute rerun without its last projection where the architecture allows
-    (LEAN_RECOMPUTE_MODEL_TYPES); returns how many layers, and the graphs' shared pool (None without graphs).
+    (LLAMA_STYLE_MODEL_TYPES); returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned

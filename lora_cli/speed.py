@@ -9,6 +9,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
   to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
   (`speed.varlen_attention`, with `training.packing`).
+- fused gated MLPs (fused_mlp.py, `speed.fused_mlp`): gate and up projections, their adapters and SwiGLU in one
+  function, the adapters' products added inside the SwiGLU kernel.
 - lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
   of a Llama-style layer skips its last projection, whose output no backward reads.
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`): rows of fixed shapes on one GPU, when
@@ -119,6 +121,7 @@ def use_own_kernels(trainer, recipe) -> str:
     """
     import torch
 
+    from lora_cli.fused_mlp import fuse_gated_mlps
     from lora_cli.kernels import fuse_lora_layers, lean_recompute_supported, use_varlen_attention, varlen_available
 
     args = trainer.args
@@ -127,6 +130,7 @@ def use_own_kernels(trainer, recipe) -> str:
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
+    mlps = fuse_gated_mlps(trainer.model) if fused and recipe.speed.fused_mlp else 0
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: not packed rows (their bounds change every batch), not DDP or
@@ -136,8 +140,8 @@ def use_own_kernels(trainer, recipe) -> str:
     lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean))
-    return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) offload_activations={'on' if offload else 'off'}"
-            f" lean_recompute={'on' if lean else 'off'} cuda_graphs={'on' if graphs else 'off'}"
+    return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
+            f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'} cuda_graphs={'on' if graphs else 'off'}"
             f" varlen_attention={'on' if varlen else 'off'}")
 
 

@@ -8,6 +8,7 @@ same recomputation runs with the inputs left in place.
 import pytest
 import torch
 
+from lora_cli.fused_mlp import fuse_gated_mlps
 from lora_cli.kernels import LoraLinear, fuse_lora_layers, offloaded_checkpointing
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -70,6 +71,29 @@ def test_fused_layers_match_peft_under_bf16_autocast_and_checkpointing(tiny_llam
     reference = loss_and_grads(model, device, torch.bfloat16, checkpointing=True)
     fuse_lora_layers(model)
     # Both compute in bf16; they differ in the order of roundings (PEFT rounds s * (x A^T) B^T before adding it).
+    assert_same(reference, loss_and_grads(model, device, torch.bfloat16, checkpointing=True), 3e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_mlp_matches_fused_layers(tiny_llama, device, quantized, dropout):
+    """Gate, up, their adapters and SwiGLU in one function (the Triton kernel on a GPU): the loss and gradients of
+    the separate fused layers, in float32; the same dropout masks."""
+    model = peft_model(tiny_llama, device, quantized, dropout=dropout)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device)
+    assert fuse_gated_mlps(model) == 2
+    assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_mlp_under_bf16_autocast(tiny_llama, device):
+    """In bf16 the fused MLP rounds once where the separate layers round each term: close, not equal."""
+    model = peft_model(tiny_llama, device, True)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device, torch.bfloat16, checkpointing=True)
+    fuse_gated_mlps(model)
     assert_same(reference, loss_and_grads(model, device, torch.bfloat16, checkpointing=True), 3e-2)
 
 
@@ -185,6 +209,7 @@ def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumula
     step after step."""
     model = peft_model(tiny_llama, "cuda", quantized, dropout=dropout)
     fuse_lora_layers(model)
+    fuse_gated_mlps(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     offloaded_checkpointing(model)

@@ -187,7 +187,8 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_llama, chats):
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, chats, capsys, quantized):
-    """lora train's default path against `speed.fused_lora: false` (PEFT's forward): the same adapter.
+    """lora train's default path (fused layers and MLPs) against `speed.fused_lora: false` (PEFT's forward): the
+    same adapter.
 
     Without dropout, so both draw nothing random; tests/test_kernels.py checks the dropout masks. In float32 on any
     device: in bf16 the two round differently, and Adam turns a near-zero gradient's sign into a full step."""
@@ -202,7 +203,8 @@ def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, 
                             lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
                             speed={"fused_lora": fused}, quantization=quantization)
         train(recipe)
-        assert f"fused_lora={'on (14 layers)' if fused else 'off'}" in capsys.readouterr().out
+        levers = "fused_lora=on (14 layers) fused_mlp=on (2)" if fused else "fused_lora=off (0 layers) fused_mlp=off"
+        assert levers in capsys.readouterr().out
         adapters[fused] = load_file(tmp_path / f"fused-{fused}" / "adapter_model.safetensors")
     change = max(v.abs().max().item() for k, v in adapters[False].items() if "lora_B" in k)  # B starts at 0
     assert change > 1e-2
