@@ -17,8 +17,8 @@ usual. Dropout draws the same masks as without graphs: a replay starts from the 
 eager recomputation does.
 
 Used only where that is safe: a single process (no DDP, FSDP or DeepSpeed, whose hooks run inside the backward),
-rows of fixed shapes (not packed: packed rows change their sequence bounds every batch), layer inputs and keyword
-arguments that are tensors, tuples of tensors or plain values. When a capture fails, the run goes on without
+layer inputs and keyword arguments that are tensors, tuples of tensors or plain values. Packed rows change their
+length and sequence bounds every batch; kernels.FixedShapePackedBatches pads them to a few shapes first. When a capture fails, the run goes on without
 graphs and says why. Off with `speed.cuda_graphs: false`.
 """
 

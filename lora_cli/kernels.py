@@ -26,7 +26,6 @@ tests/test_kernels.py and tests/test_packing.py check losses and gradients again
 import functools
 import inspect
 import types
-import weakref
 
 import torch
 
@@ -385,44 +384,57 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
 # only the blocks inside each sequence. transformers' own varlen path needs the flash-attn package, which is
 # not installable everywhere; this one needs only torch.
 VARLEN_ATTENTION = "lora_varlen"
-_bounds_cache: list = [None, None]  # a weak reference to the last position ids seen, and their bounds
 
 
-def sequence_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """Cumulative sequence starts (int32, flattened over rows) and the longest sequence, from position ids that
-    restart at 0 where each packed sequence begins; None when no row holds more than one sequence.
-
-    Computed once per forward pass (every layer, and the recomputation, passes the same tensor object: an address
-    would not do, the allocator gives the next batch's position ids the same one): it reads one number back from
-    the GPU.
-    """
-    seen, _ = _bounds_cache
-    if seen is None or seen() is not position_ids:
-        rows, length = position_ids.shape
-        flat = position_ids.reshape(-1)
-        starts = (flat == 0) | (torch.arange(flat.numel(), device=flat.device) % length == 0)
-        bounds = None
-        if int(starts.sum()) > rows:
-            cu = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])]).to(torch.int32)
-            bounds = (cu, int((cu[1:] - cu[:-1]).max()))
-        _bounds_cache[:] = [weakref.ref(position_ids), bounds]
-    return _bounds_cache[1]
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
-                     **kwargs):
-    """A transformers attention function: varlen flash attention for packed rows, SDPA for anything else."""
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """A transformers attention function: varlen flash attention for packed rows (the sequence bounds TRL's
+    padding-free collator computes on the host, which reach every layer as keyword arguments), SDPA for anything
+    else."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    bounds = sequence_bounds(position_ids) if position_ids is not None and query.is_cuda else None
-    if bounds is None or dropout > 0 or not getattr(module, "is_causal", True):
+    if cu_seq_lens_q is None or not query.is_cuda or dropout > 0 or not getattr(module, "is_causal", True):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      position_ids=position_ids, **kwargs)
-    cu, longest = bounds
+                                      **kwargs)
     batch, heads, length, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value)]
-    out = _varlen_call(*flat, cu, longest, scaling)
+    out = _varlen_call(*flat, cu_seq_lens_q, max_length_q, scaling)
     return out.view(batch, length, heads, dim), None
+
+
+class FixedShapePackedBatches:
+    """TRL's padding-free collator, with every batch of one shape, so CUDA graphs (graphs.py) replay packed rows.
+
+    TRL flattens a batch of packed rows into one row of however many tokens they hold, and gives the varlen
+    kernel the sequence starts and the longest sequence: all change from batch to batch. Here the row is padded to
+    `tokens` (batch size x max_length) with filler sequences (labels -100, none longer than `longest`), the starts
+    are padded with empty sequences to a count that is a power of two (a few shapes in all), and the longest is
+    always `longest`, a bound no sequence exceeds.
+    """
+
+    def __init__(self, collator, tokens: int, longest: int):
+        self.collator, self.tokens, self.longest = collator, tokens, longest
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        length = batch["input_ids"].shape[1]
+        if "cu_seq_lens_q" not in batch or length > self.tokens:
+            return batch
+        fill = self.tokens - length
+        fillers = [min(self.longest, fill - at) for at in range(0, fill, self.longest)]
+        starts = batch["cu_seq_lens_q"][:-1].tolist() + [length + sum(fillers[:i]) for i in range(len(fillers))]
+        if fill:
+            batch["input_ids"] = torch.cat([batch["input_ids"],
+                                            batch["input_ids"].new_full((1, fill), self.collator.pad_token_id)], 1)
+            batch["labels"] = torch.cat([batch["labels"], batch["labels"].new_full((1, fill), -100)], 1)
+            batch["position_ids"] = torch.cat([batch["position_ids"], *(torch.arange(n)[None] for n in fillers)], 1)
+        count = max(16, 1 << (len(starts) - 1).bit_length())
+        cu = torch.tensor(starts + [self.tokens] * (count + 1 - len(starts)), dtype=torch.int32)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = self.longest
+        if "seq_idx" in batch:
+            batch["seq_idx"] = torch.repeat_interleave(torch.arange(count, dtype=torch.int32), cu.diff())[None]
+        return batch
 
 
 @functools.cache

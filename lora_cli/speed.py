@@ -13,8 +13,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
   function, the adapters' products added inside the SwiGLU kernel.
 - lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
   of a Llama-style layer skips its last projection, whose output no backward reads.
-- CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`): rows of fixed shapes on one GPU, when
-  the memory plan leaves room for their memory pool.
+- CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`) on one GPU, when the memory plan leaves
+  room for their memory pool; packed batches are padded to one shape for them (kernels.FixedShapePackedBatches).
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
 per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
@@ -122,7 +122,8 @@ def use_own_kernels(trainer, recipe) -> str:
     import torch
 
     from lora_cli.fused_mlp import fuse_gated_mlps
-    from lora_cli.kernels import fuse_lora_layers, lean_recompute_supported, use_varlen_attention, varlen_available
+    from lora_cli.kernels import (FixedShapePackedBatches, fuse_lora_layers, lean_recompute_supported,
+                                  use_varlen_attention, varlen_available)
 
     args = trainer.args
     packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
@@ -133,16 +134,19 @@ def use_own_kernels(trainer, recipe) -> str:
     mlps = fuse_gated_mlps(trainer.model) if fused and recipe.speed.fused_mlp else 0
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
-    # Graphs replay fixed shapes in one process: not packed rows (their bounds change every batch), not DDP or
-    # DeepSpeed (their gradient hooks run inside the backward).
-    graphs = (offload and recipe.speed.cuda_graphs and not packed and args.world_size == 1
-              and graphs_fit(trainer.model, recipe, args))
+    # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
+    # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
+    graphs = (offload and recipe.speed.cuda_graphs and (not packed or (args.packing and args.max_length))
+              and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
+    if graphs and packed:
+        trainer.data_collator = FixedShapePackedBatches(
+            trainer.data_collator, args.per_device_train_batch_size * args.max_length, args.max_length)
     lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
-            f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'} cuda_graphs={'on' if graphs else 'off'}"
-            f" varlen_attention={'on' if varlen else 'off'}")
+            f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
+            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
 
 
 

@@ -4,21 +4,22 @@ loss of the same sequences run one by one, so no token attends across a sequence
 lora_varlen is kernels.varlen_attention (varlen flash attention for packed rows on a GPU); on the CPU it runs
 SDPA, so there the test checks that switching it on changes nothing; on a GPU it checks the varlen kernel."""
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lora_cli.kernels import sequence_bounds, use_varlen_attention
+from lora_cli.kernels import FixedShapePackedBatches, use_varlen_attention
 
 CASES = [("sdpa", "cpu"), ("eager", "cpu"), ("lora_varlen", "cpu")]
 if torch.cuda.is_available():
     CASES += [("sdpa", "cuda"), ("lora_varlen", "cuda")]
 
 
+@pytest.mark.parametrize("fixed_shape", [False, True], ids=["trl-batch", "fixed-shape"])
 @pytest.mark.parametrize(("attn", "device"), CASES)
-def test_packed_loss_matches_the_sequences_run_apart(tiny_llama, attn, device):
+def test_packed_loss_matches_the_sequences_run_apart(tiny_llama, attn, device, fixed_shape):
+    """Also with the batch padded to a fixed shape for CUDA graphs: filler sequences and empty ones change nothing."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # varlen flash attention is 16-bit only
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation=attn.replace("lora_varlen", "sdpa"),
                                                  dtype=dtype, device_map={"": device}).eval()
@@ -28,13 +29,17 @@ def test_packed_loss_matches_the_sequences_run_apart(tiny_llama, attn, device):
     sequences = [torch.randint(100, 40000, (n,), generator=generator).tolist() for n in (37, 5, 60)]
     examples = [{"input_ids": ids, "labels": ids} for ids in sequences]
 
-    # The batch TRL's trainer builds with padding_free=True: one row, position ids restarting at each sequence.
-    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
-    assert packed["input_ids"].shape == (1, sum(map(len, sequences)))
+    # The batch TRL's trainer builds with padding_free=True: one row, position ids restarting at each sequence, and
+    # the sequence bounds for varlen kernels.
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    if fixed_shape:
+        collator = FixedShapePackedBatches(collator, tokens=160, longest=64)  # a filler of 58 tokens, 12 empty
+    packed = collator(examples)
+    assert packed["input_ids"].shape == (1, 160 if fixed_shape else sum(map(len, sequences)))
     packed = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in packed.items()}
     with torch.no_grad():
         # use_cache=False as in training (TRL sets it): with a cache, transformers does not look for packing.
-        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits
         packed_loss = torch.nn.functional.cross_entropy(
             logits[0, :-1].float(), packed["labels"][0, 1:], ignore_index=-100, reduction="sum")
 
@@ -47,20 +52,17 @@ def test_packed_loss_matches_the_sequences_run_apart(tiny_llama, attn, device):
     assert packed_loss.item() == pytest.approx(apart_loss.item(), rel=1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_sequence_bounds_from_position_ids():
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [5, 6, 7, 8, 9, 0, 1, 2, 0]])
-    cu, longest = sequence_bounds(positions)
-    # A row that starts mid-sequence (5, 6, ...) begins a sequence of its own: no attention across rows.
-    assert cu.tolist() == [0, 3, 5, 9, 14, 17, 18] and longest == 5
-    assert sequence_bounds(torch.arange(6).repeat(2, 1)) is None  # one sequence a row: plain SDPA
-
-
-def test_sequence_bounds_are_not_reused_for_a_new_batch_at_the_same_address():
-    """The next step's position ids often get the freed memory of the last ones: same address, same shape."""
-    memory = np.array([[0, 1, 2, 0, 1, 2]])
-    first = torch.from_numpy(memory)
-    assert sequence_bounds(first)[0].tolist() == [0, 3, 6]
-    memory[0] = [0, 1, 0, 1, 2, 3]
-    second = torch.from_numpy(memory)
-    assert second.data_ptr() == first.data_ptr() and second._version == first._version
-    assert sequence_bounds(second)[0].tolist() == [0, 2, 6]
+def test_fixed_shape_batches_pad_rows_and_bounds():
+    """Every batch gets the same row length, a power-of-two count of sequence starts and the same longest bound."""
+    collator = FixedShapePackedBatches(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True),
+                                       tokens=100, longest=40)
+    batch = collator([{"input_ids": list(range(1, 11))}, {"input_ids": list(range(1, 6))}])
+    # 15 real tokens, then 85 filler tokens in sequences of at most 40: 40, 40, 5.
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, 100)
+    assert batch["position_ids"][0, 15:].tolist() == list(range(40)) * 2 + list(range(5))
+    assert (batch["labels"][0, 15:] == -100).all() and (batch["input_ids"][0, 15:] == 0).all()
+    assert batch["cu_seq_lens_q"].tolist() == [0, 10, 15, 55, 95] + [100] * 12  # 16 sequences, 11 of them empty
+    assert batch["max_length_q"] == batch["max_length_k"] == 40
+    assert batch["seq_idx"].shape == (1, 100) and batch["seq_idx"][0, -1].item() == 4
+    full = collator([{"input_ids": list(range(1, 41))}] * 2 + [{"input_ids": list(range(1, 21))}])
+    assert full["cu_seq_lens_q"].tolist() == [0, 40, 80] + [100] * 14 and full["input_ids"].shape == (1, 100)

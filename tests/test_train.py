@@ -249,15 +249,20 @@ def test_steps_start_in_training_mode_without_gradients_after_evaluation(tmp_pat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-def test_cuda_graphs_train_the_same_adapter(tmp_path, tiny_llama, capsys, dropout):
-    """QLoRA with checkpointing on fixed-length rows, the GPU default path: layers replayed as CUDA graphs train
-    the adapter that `speed.cuda_graphs: false` trains."""
-    rows = write_jsonl(tmp_path / "rows.jsonl", [{"input_ids": list(range(10 + i, 74 + i))} for i in range(24)])
+@pytest.mark.parametrize(("dropout", "packing"), [(0.0, False), (0.1, False), (0.0, True)],
+                         ids=["no-dropout", "dropout", "packed"])
+def test_cuda_graphs_train_the_same_adapter(tmp_path, tiny_llama, capsys, dropout, packing):
+    """QLoRA with checkpointing, the GPU default path: layers replayed as CUDA graphs train the adapter that
+    `speed.cuda_graphs: false` trains; on fixed-length rows, and on packed rows of varied lengths (padded to one
+    shape for the graphs, left as TRL makes them without)."""
+    lengths = [10 + (i * 23) % 50 for i in range(48)] if packing else [64] * 24
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"input_ids": list(range(10 + i, 10 + i + n))}
+                                                 for i, n in enumerate(lengths)])
     adapters = {}
     for graphs in (True, False):
         recipe = recipe_for(tmp_path, tiny_llama, rows, out=f"graphs-{graphs}",
-                            training={"max_steps": 5, "learning_rate": 1e-2, "gradient_checkpointing": True},
+                            training={"max_steps": 5, "learning_rate": 1e-2, "gradient_checkpointing": True,
+                                      "packing": packing, "max_length": 64},
                             lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"},
                             speed={"cuda_graphs": graphs},
                             quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
