@@ -150,19 +150,24 @@ def fused_mlp_forward(self, x):
     return self.down_proj(hidden)
 
 
-def fuse_gated_mlps(model) -> int:
-    """Route the model's gated MLPs through LoraGatedMLP while training (after kernels.fuse_lora_layers); returns
-    how many."""
+def gated_mlps(model) -> list:
+    """The model's MLPs that LoraGatedMLP can run: Llama-style, gate and up projections fused LoRA layers."""
     text_config = model.config.get_text_config()
     if (model.config.model_type not in LLAMA_STYLE_MODEL_TYPES or getattr(text_config, "mlp_bias", False)
             or text_config.hidden_act not in ("silu", "swish")):
-        return 0
-    count = 0
-    for module in model.modules():
-        gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
-        if (hasattr(gate, "fused_adapters") and hasattr(up, "fused_adapters") and hasattr(module, "down_proj")
-                and not hasattr(module, "unfused_forward")):
+        return []
+    return [module for module in model.modules()
+            if hasattr(getattr(module, "gate_proj", None), "fused_adapters")
+            and hasattr(getattr(module, "up_proj", None), "fused_adapters") and hasattr(module, "down_proj")]
+
+
+def fuse_gated_mlps(model) -> int:
+    """Route the model's gated MLPs through LoraGatedMLP while training (after kernels.fuse_lora_layers); returns
+    how many. Call it again after anything that replaces their forward (the Trainer applies Liger's SwiGLU MLP
+    when training begins)."""
+    mlps = gated_mlps(model)
+    for module in mlps:
+        if getattr(module.forward, "__func__", None) is not fused_mlp_forward:
             module.unfused_forward = module.forward
             module.forward = types.MethodType(fused_mlp_forward, module)
-            count += 1
-    return count
+    return len(mlps)

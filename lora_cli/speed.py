@@ -121,7 +121,7 @@ def use_own_kernels(trainer, recipe) -> str:
     """
     import torch
 
-    from lora_cli.fused_mlp import fuse_gated_mlps
+    from lora_cli.fused_mlp import gated_mlps
     from lora_cli.kernels import (FixedShapePackedBatches, fuse_lora_layers, lean_recompute_supported,
                                   use_varlen_attention, varlen_available)
 
@@ -131,7 +131,9 @@ def use_own_kernels(trainer, recipe) -> str:
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
-    mlps = fuse_gated_mlps(trainer.model) if fused and recipe.speed.fused_mlp else 0
+    mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
+    if mlps:
+        trainer.add_callback(FuseGatedMLPs())
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
@@ -160,6 +162,15 @@ def graphs_fit(peft_model, recipe, args) -> bool:
     rows = device_bytes(plan, recipe.is_quantized)
     pool = 2 * (rows[False] - rows[True]) / peft_model.get_base_model().config.get_text_config().num_hidden_layers
     return rows[True] - plan["offloaded"] + pool < MEMORY_HEADROOM * available_gpu_bytes()
+
+
+class FuseGatedMLPs(TrainerCallback):
+    """Installs fused_mlp's MLPs when training begins: the Trainer has just set Liger's SwiGLU MLP forward then."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from lora_cli.fused_mlp import fuse_gated_mlps
+
+        fuse_gated_mlps(model)
 
 
 class OffloadActivations(TrainerCallback):

@@ -195,14 +195,25 @@ def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, 
     if quantized and torch.cuda.is_available():
         pytest.skip("TRL keeps QLoRA adapters in bf16 on GPUs; test_kernels.py compares the fused layers there")
     quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if quantized else None
+    from transformers import TrainerCallback
+
+    from lora_cli.fused_mlp import fused_mlp_forward
+
+    class WatchMLPs(TrainerCallback):  # which forward the MLPs run in training (Liger's, set by the Trainer, or ours)
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            mlps.append([getattr(m.forward, "__func__", None) is fused_mlp_forward
+                         for m in model.modules() if hasattr(m, "gate_proj")])
+
     adapters = {}
     for fused in (True, False):
+        mlps = []
         recipe = recipe_for(tmp_path, tiny_llama, chats, out=f"fused-{fused}",
                             model={"name_or_path": str(tiny_llama), "dtype": "float32"},
                             training={"max_steps": 3, "learning_rate": 1e-2},
                             lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
                             speed={"fused_lora": fused}, quantization=quantization)
-        train(recipe)
+        train(recipe, callbacks=[WatchMLPs()])
+        assert mlps == [[fused, fused]] * 3
         levers = "fused_lora=on (14 layers) fused_mlp=on (2)" if fused else "fused_lora=off (0 layers) fused_mlp=off"
         assert levers in capsys.readouterr().out
         adapters[fused] = load_file(tmp_path / f"fused-{fused}" / "adapter_model.safetensors")
