@@ -15,12 +15,14 @@
 2. Offloaded checkpointing. With activation checkpointing a decoder layer keeps only its input for the backward
    recomputation; transformers can keep it in host memory (`offload`), but copies on the compute stream, which
    cost 16% of a QLoRA step. `OffloadedCheckpoint` copies on a side stream while the layer computes and brings
-   the input of the next layer to recompute back while the current one runs its backward.
+   the input of the next layer to recompute back while the current one runs its backward. The rerun skips what
+   no backward reads (lean recomputation, below).
 
-3. Variable-length attention for packed rows (section 3 below).
+3. Variable-length attention for packed rows, and packed batches of fixed shapes for CUDA graphs (section 3).
 
-Each has a recipe key to turn it off (speed.fused_lora, speed.offload_activations, speed.varlen_attention), and
-tests/test_kernels.py and tests/test_packing.py check losses and gradients against the libraries' path.
+Each has a recipe key to turn it off (speed.fused_lora, speed.offload_activations, speed.lean_recompute,
+speed.varlen_attention), and tests/test_kernels.py and tests/test_packing.py check losses and gradients against
+the libraries' path.
 """
 
 import functools
