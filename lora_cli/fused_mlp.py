@@ -20,8 +20,8 @@ import types
 
 import torch
 
-from lora_cli.kernels import LLAMA_STYLE_MODEL_TYPES, active_fused_adapter, base_weight, compute_dtype, scaled_as
-from lora_cli.kernels import triton_available
+from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, active_fused_adapter, add_adapter_input_grad, base_weight,
+                              compute_dtype, dropped_input, scaled_as, triton_available)
 
 
 class LoraGatedMLP(torch.autograd.Function):
@@ -63,7 +63,7 @@ class LoraGatedMLP(torch.autograd.Function):
             grads = [None] * 4
             grads[1] = scaled_as(grad_gate.t() @ p_gate, s_gate, ctx.adapter_dtypes[1])
             grads[3] = scaled_as(grad_up.t() @ p_up, s_up, ctx.adapter_dtypes[3])
-            dropped = [rows if m is None else rows * m * (1 / (1 - p)) for m, p in zip(masks, ctx.dropouts)]
+            dropped = [dropped_input(rows, mask, p) for mask, p in zip(masks, ctx.dropouts)]
             grads[0] = scaled_as(grad_p_gate.t() @ dropped[0], s_gate, ctx.adapter_dtypes[0])
             grads[2] = scaled_as(grad_p_up.t() @ dropped[1], s_up, ctx.adapter_dtypes[2])
             grad_x = None
@@ -73,10 +73,7 @@ class LoraGatedMLP(torch.autograd.Function):
                 grad_x += grad_up @ base_weight(up, dtype)  # apart: cuBLAS runs an accumulating matmul slower
                 for grad_p, a, mask, scale, p in zip((grad_p_gate, grad_p_up), (a_gate, a_up), masks,
                                                      ctx.scales, ctx.dropouts):
-                    if mask is None:
-                        grad_x.addmm_(grad_p, a, alpha=scale)
-                    else:
-                        grad_x.add_((grad_p @ a).mul_(mask), alpha=scale / (1 - p))
+                    add_adapter_input_grad(grad_x, grad_p, a, mask, scale, p)
                 grad_x = grad_x.view(*grad_hidden.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
         return grad_x, None, None, *grads, None, None
 
@@ -132,8 +129,8 @@ def _launch(kernel, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, last):
     block_rows, block_cols = 64, 128
     grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))
     kernel[grid](gate_out, up_out, p_gate, b_gate.contiguous(), p_up, b_up.contiguous(), scales[0], scales[1], last,
-                 n_rows, n_cols, rank, p_gate.stride(0), R=max(16, triton.next_power_of_2(rank)), BM=block_rows, BN=block_cols,
-                 IEEE=gate_out.dtype == torch.float32)
+                 n_rows, n_cols, rank, p_gate.stride(0), R=max(16, triton.next_power_of_2(rank)), BM=block_rows,
+                 BN=block_cols, IEEE=gate_out.dtype == torch.float32)  # tl.dot needs K >= 16; IEEE: no TF32
 
 
 def fused_mlp_forward(self, x):

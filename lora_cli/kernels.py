@@ -123,7 +123,7 @@ class LoraLinear(torch.autograd.Function):
             if output_read:
                 out = torch.nn.functional.linear(rows, base_weight(base, dtype), None if bias is None else bias.to(dtype))
                 out.addmm_(projected, b.t(), alpha=scaling)
-            else:  # see LEAN_RECOMPUTE: nothing reads this output, only the tensors saved for the backward count
+            else:  # lean recomputation (below): nothing reads this output, only what the backward saves
                 out = rows.new_empty(rows.shape[0], base.out_features)
         ctx.base, ctx.scaling, ctx.dropout, ctx.input_dtype = base, scaling, dropout, x.dtype
         ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
@@ -141,16 +141,26 @@ class LoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 grad_b = scaled_as(grad.t() @ projected, scaling, ctx.adapter_dtypes[1])
             if ctx.needs_input_grad[3]:
-                dropped = rows if mask is None else rows * mask * (1 / (1 - ctx.dropout))
-                grad_a = scaled_as(grad_b_side.t() @ dropped, scaling, ctx.adapter_dtypes[0])
+                grad_a = scaled_as(grad_b_side.t() @ dropped_input(rows, mask, ctx.dropout), scaling,
+                                   ctx.adapter_dtypes[0])
             if ctx.needs_input_grad[0]:
                 grad_x = grad @ base_weight(ctx.base, dtype)
-                if mask is None:
-                    grad_x.addmm_(grad_b_side, a, alpha=scaling)
-                else:
-                    grad_x.add_((grad_b_side @ a).mul_(mask), alpha=scaling / (1 - ctx.dropout))
+                add_adapter_input_grad(grad_x, grad_b_side, a, mask, scaling, ctx.dropout)
                 grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def dropped_input(rows: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """The adapter's input as the forward's dropout left it (mask saved, not the dropped copy)."""
+    return rows if mask is None else rows * mask * (1 / (1 - dropout))
+
+
+def add_adapter_input_grad(grad_x, grad_projected, a, mask, scaling: float, dropout: float) -> None:
+    """grad_x += s * drop'(grad at x A^T @ A): the adapter's part of the input gradient, in place."""
+    if mask is None:
+        grad_x.addmm_(grad_projected, a, alpha=scaling)
+    else:
+        grad_x.add_((grad_projected @ a).mul_(mask), alpha=scaling / (1 - dropout))
 
 
 def scaled_as(product: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
