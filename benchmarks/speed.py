@@ -14,8 +14,8 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
-BENCH_PROFILE=1 prints where the GPU time of two steps goes.
+qlora_nographs, qlora_nolean, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
 import argparse
@@ -32,6 +32,9 @@ SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
 # BENCH_PROFILE=1: print where two steps' GPU time goes (steps WARM+1, WARM+2), with the host calls around each
 # idle gap; =cuda: GPU activity only, which leaves the host's speed as it is (the host-side profiler slows it).
 PROFILE = os.environ.get("BENCH_PROFILE") in ("1", "cuda")
+# BENCH_MEMORY=1: record allocations from the start of training to step WARM+2 and print the live ones at the peak,
+# by where they were allocated (slows the run: not for timing).
+MEMORY = os.environ.get("BENCH_MEMORY") == "1"
 TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")  # with BENCH_PROFILE: also keep each mode's trace there, gzipped
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ARCHS = {
@@ -110,6 +113,8 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
         def on_train_begin(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+                if MEMORY:
+                    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
         def on_step_begin(self, args, state, control, **kwargs):
             if PROFILE and state.global_step == WARM:
@@ -134,6 +139,9 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
             if PROFILE and state.global_step == WARM + 2:
                 self.profiler.__exit__(None, None, None)
                 print_profile(self.profiler)
+            if MEMORY and state.global_step == WARM + 2:
+                print_memory_peak(torch.cuda.memory._snapshot())
+                torch.cuda.memory._record_memory_history(enabled=None)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -176,6 +184,39 @@ def print_profile(profiler) -> None:
             calls = sorted({e["name"] for e in runtime if e["ts"] < at + length and e["ts"] + e["dur"] > at})
             lines.append(f"  gap {length / 1e3:.2f} ms before {name[:60]}; host calls: {', '.join(calls)[:150]}")
     print("\n".join("PROFILE " + line for line in lines), flush=True)
+
+
+def print_memory_peak(snapshot: dict) -> None:
+    """Replay the recorded allocations, find the moment the most was allocated, and print the blocks alive then,
+    summed by the first frame of ours or of the libraries that allocated them."""
+    live, total, peak, peak_live = {}, 0, -1, {}
+    for event in snapshot["device_traces"][0]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > peak:
+            peak, peak_live = total, dict(live)
+    # Blocks allocated before recording began (weights, optimizer state) are not in the trace: add them.
+    recorded_then = sum(block["size"] for block in live.values())
+    before = torch_allocated() - recorded_then
+    by_site: dict = {}
+    for block in peak_live.values():
+        frames = [f for f in block.get("frames", []) if "torch/" not in f["filename"] or "autograd" in f["filename"]]
+        site = next((f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames), "?")
+        by_site[site] = by_site.get(site, 0) + block["size"]
+    lines = [f"peak of recorded allocations {peak / 2**30:.2f} GiB, plus {before / 2**30:.2f} GiB allocated before "
+             f"recording began (now alive)"]
+    for site, size in sorted(by_site.items(), key=lambda item: -item[1])[:25]:
+        lines.append(f"  {size / 2**20:9.1f} MiB  {site}")
+    print("\n".join("MEMORY " + line for line in lines), flush=True)
+
+
+def torch_allocated() -> int:
+    import torch
+
+    return torch.cuda.memory_allocated()
 
 
 def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:
@@ -243,6 +284,8 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"varlen_attention": False}
     if mode.endswith("_nographs"):
         raw["speed"] = {"cuda_graphs": False}
+    if mode.endswith("_nolean"):
+        raw["speed"] = {"lean_recompute": False}
     records, losses, graph_pools = [], [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
                     callbacks=[timer_callback(records, losses, graph_pools)])
@@ -347,7 +390,7 @@ def main() -> None:
             print(f"{mode:>16}: timed out after {args.timeout} s", flush=True)
             continue
         for line in proc.stdout.splitlines():
-            if line.startswith(("precision and speed:", "trainable params:", "memory plan:", "PROFILE ")):
+            if line.startswith(("precision and speed:", "trainable params:", "memory plan:", "PROFILE ", "MEMORY ")):
                 print(f"{mode:>16}  {line}")
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if lines:

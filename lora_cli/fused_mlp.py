@@ -21,19 +21,23 @@ import types
 import torch
 
 from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, active_fused_adapter, add_adapter_input_grad, base_weight,
-                              compute_dtype, dropped_input, scaled_as, triton_available)
+                              compute_dtype, dropped_input, keeps_weight_for_backward, scaled_as,
+                              triton_available)
 
 
 class LoraGatedMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate, up, a_gate, b_gate, a_up, b_up, scales, dropouts):
+    def forward(ctx, x, gate, up, a_gate, b_gate, a_up, b_up, scales, dropouts, keep_weights=False):
         dtype = compute_dtype(x)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(dtype)
         adapters = [t.to(dtype) for t in (a_gate, b_gate, a_up, b_up)]
         with torch.autocast(rows.device.type, enabled=False):
-            gate_out = torch.nn.functional.linear(rows, base_weight(gate, dtype))
-            up_out = torch.nn.functional.linear(rows, base_weight(up, dtype))
+            weights = base_weight(gate, dtype), base_weight(up, dtype)
+            gate_out = torch.nn.functional.linear(rows, weights[0])
+            up_out = torch.nn.functional.linear(rows, weights[1])
+            ctx.weights = weights if keep_weights else None  # lean recomputation (kernels.py)
+            del weights
             # Dropout masks drawn in PEFT's order (gate's, then up's), so a recomputation draws the same ones.
             dropped, masks = [], []
             for p in dropouts:
@@ -69,13 +73,16 @@ class LoraGatedMLP(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 gate, up = ctx.bases
-                grad_x = grad_gate @ base_weight(gate, dtype)
-                grad_x += grad_up @ base_weight(up, dtype)  # apart: cuBLAS runs an accumulating matmul slower
+                kept = ctx.weights or (None, None)
+                grad_x = grad_gate @ (base_weight(gate, dtype) if kept[0] is None else kept[0])
+                # apart: cuBLAS runs an accumulating matmul slower
+                grad_x += grad_up @ (base_weight(up, dtype) if kept[1] is None else kept[1])
                 for grad_p, a, mask, scale, p in zip((grad_p_gate, grad_p_up), (a_gate, a_up), masks,
                                                      ctx.scales, ctx.dropouts):
                     add_adapter_input_grad(grad_x, grad_p, a, mask, scale, p)
                 grad_x = grad_x.view(*grad_hidden.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
-        return grad_x, None, None, *grads, None, None
+        ctx.weights = None
+        return grad_x, None, None, *grads, None, None, None
 
 
 def masks_or_empty(masks):
@@ -143,7 +150,7 @@ def fused_mlp_forward(self, x):
     hidden = LoraGatedMLP.apply(
         x, gate.fused_base, up.fused_base, gate.lora_A[adapter].weight, gate.lora_B[adapter].weight,
         up.lora_A[adapter].weight, up.lora_B[adapter].weight, (gate.scaling[adapter], up.scaling[adapter]),
-        (gate.fused_adapters[adapter], up.fused_adapters[adapter]))
+        (gate.fused_adapters[adapter], up.fused_adapters[adapter]), keeps_weight_for_backward(gate))
     return self.down_proj(hidden)
 
 

@@ -112,18 +112,23 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float, output_read: bool = True):
+    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float, output_read: bool = True,
+                keep_weight: bool = False):
         dtype = compute_dtype(x)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
+        ctx.weight = None
         with torch.autocast(rows.device.type, enabled=False):
             dropped, mask = torch.native_dropout(rows, dropout, True) if dropout > 0 else (rows, None)
             projected = dropped @ a.t()
             if output_read:
-                out = torch.nn.functional.linear(rows, base_weight(base, dtype), None if bias is None else bias.to(dtype))
+                weight = base_weight(base, dtype)
+                out = torch.nn.functional.linear(rows, weight, None if bias is None else bias.to(dtype))
                 out.addmm_(projected, b.t(), alpha=scaling)
-            else:  # lean recomputation (below): nothing reads this output, only what the backward saves
+                if keep_weight:  # lean recomputation (below): the backward that follows uses this dequantization
+                    ctx.weight = weight
+            else:  # lean recomputation: nothing reads this output, only what the backward saves
                 out = rows.new_empty(rows.shape[0], base.out_features)
         ctx.base, ctx.scaling, ctx.dropout, ctx.input_dtype = base, scaling, dropout, x.dtype
         ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
@@ -144,10 +149,11 @@ class LoraLinear(torch.autograd.Function):
                 grad_a = scaled_as(grad_b_side.t() @ dropped_input(rows, mask, ctx.dropout), scaling,
                                    ctx.adapter_dtypes[0])
             if ctx.needs_input_grad[0]:
-                grad_x = grad @ base_weight(ctx.base, dtype)
+                grad_x = grad @ (base_weight(ctx.base, dtype) if ctx.weight is None else ctx.weight)
                 add_adapter_input_grad(grad_x, grad_b_side, a, mask, scaling, ctx.dropout)
                 grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        ctx.weight = None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def dropped_input(rows: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
@@ -194,7 +200,8 @@ def fused_forward(self, x, *args, **kwargs):
     base = self.fused_base
     output_read = not (Recomputation.active and getattr(self, "unread_in_recompute", False))
     return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], self.fused_adapters[adapter], output_read)
+                            self.scaling[adapter], self.fused_adapters[adapter], output_read,
+                            keeps_weight_for_backward(self))
 
 
 def fusable(layer, base, adapter) -> bool:
@@ -235,17 +242,26 @@ def fuse_lora_layers(model) -> int:
 
 
 class HostOffloader:
-    """Pinned host copies of checkpointed layer inputs, moved on a side stream so the compute stream never waits.
+    """Pinned host copies of checkpointed layer inputs, moved on a side stream so the compute stream never waits
+    for the host link.
 
-    Forward: each layer input is copied out while the layer computes. Backward (last layer first): the input of
-    the layer that recomputes next is brought back while the current one runs. Tensors already on the host (a
-    CPU run, as in the tests) are kept as they are.
+    Forward: each layer input is copied out while the layer computes; at the next layer the compute stream waits
+    for that copy and the input is let go. Backward (last layer first): the input of the layer that recomputes
+    next is brought back while the current one runs. Tensors already on the host (a CPU run, as in the tests) are
+    kept as they are.
+
+    Why the waits instead of `record_stream`: the allocator reuses a block recorded on another stream only once
+    the GPU has passed the moment the host freed it. With CUDA graphs the host runs the forward pass many layers
+    ahead of the GPU, so every layer input stayed allocated until the GPU caught up: 0.93 GiB of the QLoRA peak
+    on the Llama-3.1-8B shape (`BENCH_MEMORY=1 python benchmarks/speed.py --modes qlora`). With the compute stream
+    waiting for each copy, every block is freed and reused in the compute stream's own order.
     """
 
     def __init__(self):
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.on_host: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
+        self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # inputs held until their copy is done
         self.next_key = 0
 
     def save(self, tensor: torch.Tensor) -> int:
@@ -253,23 +269,25 @@ class HostOffloader:
         if tensor.device.type != "cuda":
             self.on_host[key] = tensor
             return key
-        compute = torch.cuda.current_stream()
-        self.stream.wait_stream(compute)  # the tensor is written
+        self._release_copied()
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written
         with torch.cuda.stream(self.stream):
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+            copied = torch.cuda.Event()
+            copied.record()
+        self.copying.append((tensor, copied))
         self.on_host[key] = host
         return key
 
     def load(self, key: int, device) -> torch.Tensor:
         if device.type != "cuda":
             return self.on_host.pop(key)
+        self._release_copied()
         compute = torch.cuda.current_stream()
         if key in self.prefetched:
             tensor, ready = self.prefetched.pop(key)
             compute.wait_event(ready)
-            tensor.record_stream(compute)
         else:
             compute.wait_stream(self.stream)  # the copy to the host has finished
             tensor = self.on_host[key].to(device, non_blocking=True)
@@ -278,10 +296,19 @@ class HostOffloader:
             self._prefetch(key - 1, device)
         return tensor
 
+    def _release_copied(self) -> None:
+        compute = torch.cuda.current_stream()
+        for _, copied in self.copying:
+            compute.wait_event(copied)
+        self.copying.clear()
+
     def _prefetch(self, key: int, device) -> None:
-        self.stream.wait_stream(torch.cuda.current_stream())
+        host = self.on_host[key]
+        # Allocated on the compute stream, where it is used and freed; the side stream only writes it.
+        tensor = torch.empty(host.shape, dtype=host.dtype, device=device)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the block's earlier use is over
         with torch.cuda.stream(self.stream):
-            tensor = self.on_host[key].to(device, non_blocking=True)
+            tensor.copy_(host, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
         self.prefetched[key] = (tensor, ready)
@@ -299,6 +326,8 @@ class Recomputation:
 # dequantization and matmul: 27% of a layer's weights and matmul work for the Llama-3.1-8B shape. Only
 # architectures whose layers end that way (with a norm after the MLP, as in Gemma 2 and OLMo 2, the output is
 # read), and only where down_proj is a fused LoRA layer.
+# The rerun's other projections keep their dequantized weights for the backward that follows at once, instead of
+# dequantizing them again: one layer's 4-bit weights in 16 bits at a time (318 MiB for Llama-3.1-8B).
 # Decoder layers `h = x + attn(norm(x)); out = h + mlp.down_proj(silu(gate_proj(n)) * up_proj(n)), n = norm(h)`:
 # the shape lean recomputation and fused_mlp.py rely on.
 LLAMA_STYLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -308,10 +337,17 @@ def lean_recompute_supported(model) -> bool:
     return model.config.model_type in LLAMA_STYLE_MODEL_TYPES
 
 
-def mark_unread_in_recompute(layer, lean: bool) -> None:
+def mark_lean_recompute(layer, lean: bool) -> None:
+    for module in layer.modules():
+        if hasattr(module, "fused_adapters"):
+            module.keeps_weight_in_recompute = lean
     projection = getattr(getattr(layer, "mlp", None), "down_proj", None)
     if hasattr(projection, "fused_adapters"):
         projection.unread_in_recompute = lean
+
+
+def keeps_weight_for_backward(layer) -> bool:
+    return Recomputation.active and getattr(layer, "keeps_weight_in_recompute", False)
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -385,7 +421,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool) if pool else None)
-            mark_unread_in_recompute(module, lean)
+            mark_lean_recompute(module, lean)
             count += 1
     return count, pool
 

@@ -161,27 +161,44 @@ def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
-def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, device, quantized, dropout):
-    """The rerun without down_proj's matmul gives the same loss and gradients, and the whole step does exactly one
-    down_proj forward matmul fewer per layer (counted by torch's FLOP counter)."""
+@pytest.mark.parametrize("fused_mlp", [False, True], ids=["layers", "fused-mlp"])
+def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, device, quantized, dropout, fused_mlp,
+                                                                monkeypatch):
+    """The rerun without down_proj's matmul gives the same loss and gradients, the whole step does exactly one
+    down_proj forward matmul fewer per layer (counted by torch's FLOP counter), and the backward reuses the
+    rerun's weights: seven dequantizations fewer per layer (down_proj's in the rerun, the six others' in the
+    backward)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from lora_cli import fused_mlp as fused_mlp_module
+    from lora_cli import kernels
 
     model = peft_model(tiny_llama, device, quantized, dropout=dropout)
     fuse_lora_layers(model)
+    if fused_mlp:
+        fuse_gated_mlps(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
+    weights_made = []
+    real_base_weight = kernels.base_weight
+    for module in (kernels, fused_mlp_module):
+        monkeypatch.setattr(module, "base_weight", lambda layer, dtype: weights_made.append(layer) or
+                            real_base_weight(layer, dtype))
     runs = {}
     for lean in (False, True):
         offloaded_checkpointing(model, lean_recompute=lean)
+        weights_made.clear()
         with FlopCounterMode(display=False) as counter:
             runs[lean] = loss_and_grads(model, device)
-        runs[lean] += (counter.get_total_flops(),)
-    (*full, full_flops), (*lean, lean_flops) = runs[False], runs[True]
+        runs[lean] += (counter.get_total_flops(), len(weights_made))
+    (*full, full_flops, full_weights), (*lean, lean_flops, lean_weights) = runs[False], runs[True]
     assert_same(full, lean, 0.0)
     config = model.config
     tokens = 2 * 24  # loss_and_grads' batch
     down_proj = 2 * tokens * config.intermediate_size * config.hidden_size
     assert full_flops - lean_flops == config.num_hidden_layers * down_proj
+    assert full_weights == 3 * 7 * config.num_hidden_layers  # forward, rerun, backward
+    assert full_weights - lean_weights == 7 * config.num_hidden_layers
 
 
 def graphed_runs(model, device, runs=3, length=24, accumulate=1):
