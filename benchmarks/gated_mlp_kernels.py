@@ -1,5 +1,6 @@
-"""Tile sizes of fused_mlp's Triton kernels (gated_kernels.py): time of the forward and backward kernels, and
-the memory bandwidth they reach, for the Llama-3.1-8B MLP shape at batch 2 x 2048 tokens, r=16, bf16. On a GPU:
+"""Tile sizes of fused_mlp's Triton kernels (gated_kernels.py; fused_mlp.FORWARD_TILE and BACKWARD_TILE): time
+of the forward and backward kernels, and the memory bandwidth they reach, for the Llama-3.1-8B MLP shape at batch
+2 x 2048 tokens, r=16, bf16. On a GPU:
 
     python benchmarks/gated_mlp_kernels.py
 
@@ -10,18 +11,11 @@ reads three and writes two), so the figure to compare is GB/s against the GPU's 
 import itertools
 
 import torch
-import triton
 
 from lora_cli import gated_kernels
+from lora_cli.fused_mlp import _launch
 
 ROWS, COLS, RANK = 4096, 14336, 16
-
-
-def launch(kernel, tensors, last, block_rows, block_cols, warps):
-    gate_out, up_out, p_gate, b_gate, p_up, b_up = tensors
-    grid = (triton.cdiv(ROWS, block_rows), triton.cdiv(COLS, block_cols))
-    kernel[grid](gate_out, up_out, p_gate, b_gate, p_up, b_up, 2.0, 2.0, last, ROWS, COLS, RANK, p_gate.stride(0),
-                 R=RANK, BM=block_rows, BN=block_cols, IEEE=False, num_warps=warps)
 
 
 def milliseconds(run, repeats=50) -> float:
@@ -47,11 +41,10 @@ def main() -> None:
     for block_rows, block_cols, warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
         if block_rows * block_cols > 128 * 128:
             continue
-        forward = milliseconds(lambda: launch(gated_kernels.forward_kernel, tensors, hidden, block_rows, block_cols,
-                                              warps))
+        tile = block_rows, block_cols, warps
+        forward = milliseconds(lambda: _launch(gated_kernels.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
         # The backward writes gradients over the projections it reads: values change, the memory traffic does not.
-        backward = milliseconds(lambda: launch(gated_kernels.backward_kernel, tensors, grad, block_rows, block_cols,
-                                               warps))
+        backward = milliseconds(lambda: _launch(gated_kernels.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
         print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}  "
               f"{backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
 

@@ -112,23 +112,18 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float, output_read: bool = True,
-                keep_weight: bool = False):
+    def forward(ctx, x, base, bias, lora_a, lora_b, scaling: float, dropout: float, output_read: bool = True):
         dtype = compute_dtype(x)
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        ctx.weight = None
         with torch.autocast(rows.device.type, enabled=False):
             dropped, mask = torch.native_dropout(rows, dropout, True) if dropout > 0 else (rows, None)
             projected = dropped @ a.t()
             if output_read:
-                weight = base_weight(base, dtype)
-                out = torch.nn.functional.linear(rows, weight, None if bias is None else bias.to(dtype))
+                out = torch.nn.functional.linear(rows, base_weight(base, dtype), None if bias is None else bias.to(dtype))
                 out.addmm_(projected, b.t(), alpha=scaling)
-                if keep_weight:  # lean recomputation (below): the backward that follows uses this dequantization
-                    ctx.weight = weight
-            else:  # lean recomputation: nothing reads this output, only what the backward saves
+            else:  # lean recomputation (below): nothing reads this output, only what the backward saves
                 out = rows.new_empty(rows.shape[0], base.out_features)
         ctx.base, ctx.scaling, ctx.dropout, ctx.input_dtype = base, scaling, dropout, x.dtype
         ctx.adapter_dtypes = lora_a.dtype, lora_b.dtype
@@ -149,11 +144,10 @@ class LoraLinear(torch.autograd.Function):
                 grad_a = scaled_as(grad_b_side.t() @ dropped_input(rows, mask, ctx.dropout), scaling,
                                    ctx.adapter_dtypes[0])
             if ctx.needs_input_grad[0]:
-                grad_x = grad @ (base_weight(ctx.base, dtype) if ctx.weight is None else ctx.weight)
+                grad_x = grad @ base_weight(ctx.base, dtype)
                 add_adapter_input_grad(grad_x, grad_b_side, a, mask, scaling, ctx.dropout)
                 grad_x = grad_x.view(*grad_out.shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
-        ctx.weight = None
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 def dropped_input(rows: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
@@ -200,8 +194,7 @@ def fused_forward(self, x, *args, **kwargs):
     base = self.fused_base
     output_read = not (Recomputation.active and getattr(self, "unread_in_recompute", False))
     return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], self.fused_adapters[adapter], output_read,
-                            keeps_weight_for_backward(self))
+                            self.scaling[adapter], self.fused_adapters[adapter], output_read)
 
 
 def fusable(layer, base, adapter) -> bool:
@@ -252,9 +245,9 @@ class HostOffloader:
 
     Why the waits instead of `record_stream`: the allocator reuses a block recorded on another stream only once
     the GPU has passed the moment the host freed it. With CUDA graphs the host runs the forward pass many layers
-    ahead of the GPU, so every layer input stayed allocated until the GPU caught up: 0.93 GiB of the QLoRA peak
-    on the Llama-3.1-8B shape (`BENCH_MEMORY=1 python benchmarks/speed.py --modes qlora`). With the compute stream
-    waiting for each copy, every block is freed and reused in the compute stream's own order.
+    ahead of the GPU, so the layer inputs stayed allocated until the GPU caught up: 29 of them (0.91 GiB) at once
+    for the Llama-3.1-8B QLoRA step (`BENCH_MEMORY=1 python benchmarks/speed.py --modes qlora`). With the compute
+    stream waiting for each copy, every block is freed and reused in the compute stream's own order.
     """
 
     def __init__(self):
@@ -326,8 +319,6 @@ class Recomputation:
 # dequantization and matmul: 27% of a layer's weights and matmul work for the Llama-3.1-8B shape. Only
 # architectures whose layers end that way (with a norm after the MLP, as in Gemma 2 and OLMo 2, the output is
 # read), and only where down_proj is a fused LoRA layer.
-# The rerun's other projections keep their dequantized weights for the backward that follows at once, instead of
-# dequantizing them again: one layer's 4-bit weights in 16 bits at a time (318 MiB for Llama-3.1-8B).
 # Decoder layers `h = x + attn(norm(x)); out = h + mlp.down_proj(silu(gate_proj(n)) * up_proj(n)), n = norm(h)`:
 # the shape lean recomputation and fused_mlp.py rely on.
 LLAMA_STYLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -337,17 +328,10 @@ def lean_recompute_supported(model) -> bool:
     return model.config.model_type in LLAMA_STYLE_MODEL_TYPES
 
 
-def mark_lean_recompute(layer, lean: bool) -> None:
-    for module in layer.modules():
-        if hasattr(module, "fused_adapters"):
-            module.keeps_weight_in_recompute = lean
+def mark_unread_in_recompute(layer, lean: bool) -> None:
     projection = getattr(getattr(layer, "mlp", None), "down_proj", None)
     if hasattr(projection, "fused_adapters"):
         projection.unread_in_recompute = lean
-
-
-def keeps_weight_for_backward(layer) -> bool:
-    return Recomputation.active and getattr(layer, "keeps_weight_in_recompute", False)
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -421,7 +405,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool) if pool else None)
-            mark_lean_recompute(module, lean)
+            mark_unread_in_recompute(module, lean)
             count += 1
     return count, pool
 
