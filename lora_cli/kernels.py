@@ -89,16 +89,19 @@ def _nf4_kernel():
     return dequantize_nf4_kernel
 
 
-def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+NF4_TILE = (1024, 4)  # packed bytes and warps a program (benchmarks/kernel_tiles.py)
+
+
+def dequantize_nf4(packed: torch.Tensor, state, dtype: torch.dtype, tile=NF4_TILE) -> torch.Tensor:
     out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     nested = state.nested
     scales2, code2, offset = ((state.state2.absmax, state.state2.code, state.offset) if nested
                               else (state.absmax, state.absmax, state.absmax))  # unused without double quantization
-    n_bytes, per_program = packed.numel(), 1024
+    n_bytes, (per_program, warps) = packed.numel(), tile
     _nf4_kernel()[(-(-n_bytes // per_program),)](
         packed, state.absmax, scales2, code2, offset, state.code, out, n_bytes, out.numel(),
         BYTES=per_program, BLOCK=state.blocksize, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested,
-        enable_fp_fusion=False)  # bitsandbytes rounds the scale's product before adding the offset: no FMA
+        enable_fp_fusion=False, num_warps=warps)  # bitsandbytes rounds the scale's product first: no FMA
     return out
 
 

@@ -14,6 +14,7 @@ import torch
 
 from lora_cli import gated_kernels
 from lora_cli.fused_mlp import _launch
+from lora_cli.kernels import dequantize_nf4
 
 ROWS, COLS, RANK = 4096, 14336, 16
 
@@ -30,7 +31,7 @@ def milliseconds(run, repeats=50) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def main() -> None:
+def gated_mlp_tiles() -> None:
     torch.manual_seed(0)
     big = dict(device="cuda", dtype=torch.bfloat16)
     tensors = [torch.randn(ROWS, COLS, **big), torch.randn(ROWS, COLS, **big), torch.randn(ROWS, RANK, **big),
@@ -49,5 +50,17 @@ def main() -> None:
               f"{backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
 
 
+def nf4_tiles() -> None:
+    import bitsandbytes.functional as bnb
+
+    weight = torch.randn(COLS, 4096, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    print(f"{'bytes':>6} {'warps':>5}  {'dequantize ms':>13} {'GB/s':>6}")
+    for per_program, warps in itertools.product((512, 1024, 2048, 4096), (2, 4, 8)):
+        elapsed = milliseconds(lambda: dequantize_nf4(packed, state, torch.bfloat16, (per_program, warps)))
+        print(f"{per_program:>6} {warps:>5}  {elapsed:>13.3f} {weight.numel() * 2.5 / elapsed / 1e6:>6.0f}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    gated_mlp_tiles()
+    nf4_tiles()
