@@ -95,10 +95,20 @@ class GraphPool:
         return self.statics[key]
 
     def fail(self, error: Exception) -> None:
+        end_rng_capture_mode()
         self.broken = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
         print(f"warning: CUDA graphs of the decoder layers are off for this run, their capture failed "
               f"({self.broken}); training goes on without them (speed.cuda_graphs: false skips the attempt).",
               file=sys.stderr, flush=True)
+
+
+def end_rng_capture_mode() -> None:
+    """A capture that CUDA invalidated (a host sync inside a layer, say) leaves torch's CUDA random generator in
+    capture mode: torch ends that mode only when a capture ends well, and the next random op outside a capture
+    raises 'Offset increment outside graph capture encountered unexpectedly', so the eager run that should go on
+    would stop at its next dropout mask. A small capture that ends well ends the mode."""
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        torch.ones(1, device="cuda").add_(1)
 
 
 class Entry:

@@ -239,6 +239,29 @@ def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumula
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys):
+    """A layer CUDA cannot capture (this one reads a value back to the host) turns the graphs off for the run with
+    a warning, and training goes on with the eager layers' losses and gradients, dropout masks included."""
+    model = peft_model(tiny_llama, "cuda", quantized=True, dropout=0.3)
+    fuse_lora_layers(model)
+    fuse_gated_mlps(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+    def read_back(module, args, output):
+        output.sum().item()  # a host sync: not allowed while a stream is captured
+
+    model.get_base_model().model.layers[1].mlp.register_forward_hook(read_back)
+    offloaded_checkpointing(model)
+    reference = graphed_runs(model, "cuda")[0]
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True)
+    runs = graphed_runs(model, "cuda", runs=4)
+    assert pool.broken is not None and "capture failed" in capsys.readouterr().err
+    for run in runs:
+        assert_same(reference, run, 1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_follow_a_new_shape(tiny_llama):
     """Rows of another length run eagerly, then get graphs of their own; the first shape's graphs still replay."""
     model = peft_model(tiny_llama, "cuda")
