@@ -13,7 +13,7 @@ import itertools
 import torch
 
 from lora_cli import gated_kernels
-from lora_cli.fused_mlp import _launch
+from lora_cli.fused_mlp import launch_gated_kernel
 from lora_cli.kernels import dequantize_nf4
 
 ROWS, COLS, RANK = 4096, 14336, 16
@@ -43,9 +43,11 @@ def gated_mlp_tiles() -> None:
         if block_rows * block_cols > 128 * 128:
             continue
         tile = block_rows, block_cols, warps
-        forward = milliseconds(lambda: _launch(gated_kernels.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
+        forward = milliseconds(
+            lambda: launch_gated_kernel(gated_kernels.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
         # The backward writes gradients over the projections it reads: values change, the memory traffic does not.
-        backward = milliseconds(lambda: _launch(gated_kernels.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
+        backward = milliseconds(
+            lambda: launch_gated_kernel(gated_kernels.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
         print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}  "
               f"{backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
 

@@ -189,6 +189,8 @@ def print_profile(profiler) -> None:
 def print_memory_peak(snapshot: dict) -> None:
     """Replay the recorded allocations, find the moment the most was allocated, and print the blocks alive then,
     summed by the first frame of ours or of the libraries that allocated them."""
+    import torch
+
     live, total, peak, peak_live = {}, 0, -1, {}
     for event in snapshot["device_traces"][0]:
         if event["action"] == "alloc":
@@ -200,7 +202,7 @@ def print_memory_peak(snapshot: dict) -> None:
             peak, peak_live = total, dict(live)
     # Blocks allocated before recording began (weights, optimizer state) are not in the trace: add them.
     recorded_then = sum(block["size"] for block in live.values())
-    before = torch_allocated() - recorded_then
+    before = torch.cuda.memory_allocated() - recorded_then
     by_site: dict = {}
     for block in peak_live.values():
         frames = [f for f in block.get("frames", []) if "torch/" not in f["filename"] or "autograd" in f["filename"]]
@@ -211,12 +213,6 @@ def print_memory_peak(snapshot: dict) -> None:
     for site, size in sorted(by_site.items(), key=lambda item: -item[1])[:25]:
         lines.append(f"  {size / 2**20:9.1f} MiB  {site}")
     print("\n".join("MEMORY " + line for line in lines), flush=True)
-
-
-def torch_allocated() -> int:
-    import torch
-
-    return torch.cuda.memory_allocated()
 
 
 def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:

@@ -87,7 +87,8 @@ def gated(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
     """silu(gate_out + sg p_gate Bg^T) * (up_out + su p_up Bu^T), rounded once to the projections' dtype."""
     if gate_out.is_cuda and triton_available():
         hidden = torch.empty_like(gate_out)
-        _launch(_kernels()[0], FORWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, hidden)
+        launch_gated_kernel(_kernels()[0], FORWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales,
+                            hidden)
         return hidden
     gate, up = pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales)
     return (torch.nn.functional.silu(gate) * up).to(gate_out.dtype)
@@ -96,7 +97,8 @@ def gated(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
 def gated_backward(grad, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
     """The gradients at both pre-activations, written over gate_out and up_out (they are not needed again)."""
     if grad.is_cuda and triton_available():
-        _launch(_kernels()[1], BACKWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, grad.contiguous())
+        launch_gated_kernel(_kernels()[1], BACKWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales,
+                            grad.contiguous())
         return gate_out, up_out
     gate, up = pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales)
     sigmoid = torch.sigmoid(gate)
@@ -124,7 +126,7 @@ def _kernels():
     return gated_kernels.forward_kernel, gated_kernels.backward_kernel
 
 
-def _launch(kernel, tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, last):
+def launch_gated_kernel(kernel, tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, last):
     import triton
 
     n_rows, n_cols = gate_out.shape

@@ -151,7 +151,6 @@ def use_own_kernels(trainer, recipe) -> str:
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
 
 
-
 def graphs_fit(peft_model, recipe, args) -> bool:
     """Whether the step, checkpointed and offloaded, still fits with the CUDA graphs' memory pool beside it.
 

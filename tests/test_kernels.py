@@ -33,12 +33,26 @@ def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, s
     return model.train()
 
 
+def enable_checkpointing(model) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def checkpointed_fused_model(base_dir, device, quantized=False, dropout=0.0, fused_mlp=True):
+    """A PEFT model with fused LoRA layers (and MLPs) and checkpointing on, as lora train sets it up on a GPU."""
+    model = peft_model(base_dir, device, quantized, dropout=dropout)
+    fuse_lora_layers(model)
+    if fused_mlp:
+        fuse_gated_mlps(model)
+    enable_checkpointing(model)
+    return model
+
+
 def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False):
     torch.manual_seed(1)
     ids = torch.randint(10, 1000, (2, 24), device=device)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     model.zero_grad()
     with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         loss = model(input_ids=ids, labels=ids).loss
@@ -172,12 +186,7 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     from lora_cli import fused_mlp as fused_mlp_module
     from lora_cli import kernels
 
-    model = peft_model(tiny_llama, device, quantized, dropout=dropout)
-    fuse_lora_layers(model)
-    if fused_mlp:
-        fuse_gated_mlps(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = checkpointed_fused_model(tiny_llama, device, quantized, dropout, fused_mlp)
     weights_made = []
     real_base_weight = kernels.base_weight
     for module in (kernels, fused_mlp_module):
@@ -223,11 +232,7 @@ def graphed_runs(model, device, runs=3, length=24, accumulate=1):
 def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumulate):
     """Replayed layers (rerun without down_proj) give the eager layers' loss and gradients (same dropout masks),
     step after step."""
-    model = peft_model(tiny_llama, "cuda", quantized, dropout=dropout)
-    fuse_lora_layers(model)
-    fuse_gated_mlps(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = checkpointed_fused_model(tiny_llama, "cuda", quantized, dropout)
     offloaded_checkpointing(model)
     reference = graphed_runs(model, "cuda", accumulate=accumulate)[0]
     _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True)  # as lora train's defaults
@@ -242,11 +247,7 @@ def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumula
 def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys):
     """A layer CUDA cannot capture (this one reads a value back to the host) turns the graphs off for the run with
     a warning, and training goes on with the eager layers' losses and gradients, dropout masks included."""
-    model = peft_model(tiny_llama, "cuda", quantized=True, dropout=0.3)
-    fuse_lora_layers(model)
-    fuse_gated_mlps(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = checkpointed_fused_model(tiny_llama, "cuda", quantized=True, dropout=0.3)
 
     def read_back(module, args, output):
         output.sum().item()  # a host sync: not allowed while a stream is captured
@@ -264,10 +265,7 @@ def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_follow_a_new_shape(tiny_llama):
     """Rows of another length run eagerly, then get graphs of their own; the first shape's graphs still replay."""
-    model = peft_model(tiny_llama, "cuda")
-    fuse_lora_layers(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    model = checkpointed_fused_model(tiny_llama, "cuda", fused_mlp=False)
     offloaded_checkpointing(model)
     short, long = graphed_runs(model, "cuda", runs=1)[0], graphed_runs(model, "cuda", runs=1, length=40)[0]
     _, pool = offloaded_checkpointing(model, cuda_graphs=True)
