@@ -14,7 +14,7 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_nolean, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+qlora_nographs, qlora_nolean, qlora_noattention, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
@@ -178,8 +178,14 @@ def print_profile(profiler) -> None:
                 gaps.append((begin - end, end, name))
             busy += max(0.0, finish - max(begin, end))
             end = max(end, finish)
-        lines.append(f"GPU busy {busy / 1e3:.0f} ms of {span / 1e3:.0f} ms ({busy / span:.0%}); "
-                     f"{len(gaps)} idle gaps, {sum(g[0] for g in gaps) / 1e3:.0f} ms in all")
+        computing, end = 0.0, kernels[0][0]  # the same without the host copies, which run beside the kernels
+        for begin, finish, name in kernels:
+            if not name.startswith(("Memcpy HtoD", "Memcpy DtoH")):
+                computing += max(0.0, finish - max(begin, end))
+                end = max(end, finish)
+        lines.append(f"GPU busy {busy / 1e3:.0f} ms of {span / 1e3:.0f} ms ({busy / span:.0%}), computing "
+                     f"{computing / 1e3:.0f} ms ({computing / span:.0%}); {len(gaps)} idle gaps, "
+                     f"{sum(g[0] for g in gaps) / 1e3:.0f} ms in all")
         for length, at, name in sorted(gaps, reverse=True)[:12]:
             calls = sorted({e["name"] for e in runtime if e["ts"] < at + length and e["ts"] + e["dur"] > at})
             lines.append(f"  gap {length / 1e3:.2f} ms before {name[:60]}; host calls: {', '.join(calls)[:150]}")
@@ -282,6 +288,8 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"cuda_graphs": False}
     if mode.endswith("_nolean"):
         raw["speed"] = {"lean_recompute": False}
+    if mode.endswith("_noattention"):
+        raw["speed"] = {"offload_attention": False}
     records, losses, graph_pools = [], [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
                     callbacks=[timer_callback(records, losses, graph_pools)])

@@ -45,6 +45,17 @@ def signature(value):
     raise Unsupported(type(value).__name__)
 
 
+def call_signature(run, hidden):
+    """What must stay the same for a graph of a layer call to be replayed: the input's and the keyword arguments'
+    signatures; None for a call graphs cannot take (only keywords get static copies)."""
+    if not isinstance(run, functools.partial) or not all(isinstance(arg, torch.nn.Module) for arg in run.args):
+        return None
+    try:
+        return signature(hidden), tuple(sorted((name, signature(value)) for name, value in run.keywords.items()))
+    except Unsupported:
+        return None
+
+
 class Statics:
     """The static buffers the graphs of one input shape read and write."""
 
@@ -117,13 +128,14 @@ class Entry:
         self.backward: torch.cuda.CUDAGraph | None = None
         self.params: list[torch.Tensor] = []
         self.sinks: list[torch.Tensor] = []  # where the backward graph adds each parameter's gradient
+        self.replays_attention = False  # the backward graph reads the attention's saved output and tensors
 
 
 class LayerGraphs:
     """The graphs of one checkpointed layer, one entry per input shape, captured the second time a shape comes."""
 
-    def __init__(self, module: torch.nn.Module, shared: GraphPool):
-        self.module, self.shared = module, shared
+    def __init__(self, module: torch.nn.Module, shared: GraphPool, saver=None):
+        self.module, self.shared, self.saver = module, shared, saver  # saver: offloaded_attention.AttentionSaver
         self.entries: dict = {}
         self.seen: dict = {}
         shared.layers.append(self)
@@ -134,12 +146,7 @@ class LayerGraphs:
 
     def _entry(self, run, hidden, kind: str):
         """The entry and static run for this call, or None to run eagerly (first sighting, unsupported call)."""
-        if (self.shared.broken is not None or not isinstance(run, functools.partial) or not hidden.is_cuda
-                or not all(isinstance(arg, torch.nn.Module) for arg in run.args)):  # only keywords get static copies
-            return None
-        try:
-            key = (signature(hidden), tuple(sorted((name, signature(value)) for name, value in run.keywords.items())))
-        except Unsupported:
+        if self.shared.broken is not None or not hidden.is_cuda or (key := call_signature(run, hidden)) is None:
             return None
         entry = self.entries.get(key)
         if entry is None:
@@ -167,6 +174,8 @@ class LayerGraphs:
                 with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"), \
                         torch.no_grad(), _autocast_uncached(hidden):
                     statics.result.copy_(_only_tensor(static_run(statics.hidden)))
+                    if self.saver is not None:
+                        self.saver.join()  # the attention's copies to the host end inside the graph
             except Exception as error:  # noqa: BLE001 (any capture failure: fall back, say why)
                 self.shared.fail(error)
                 return None
@@ -174,19 +183,31 @@ class LayerGraphs:
         entry.forward.replay()
         return statics.result.clone()  # the static buffer is the next layer's output as well
 
-    def backward(self, run, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
-        """Recompute the layer from its input and backpropagate grad: adds the parameters' gradients to `.grad`
-        and returns the input's gradient, or None to do it eagerly. The caller has set the RNG and autocast state
-        of the forward."""
+    def backward(self, run, loaded: list, grad: torch.Tensor, saved=None) -> torch.Tensor | None:
+        """Recompute the layer from its input (loaded[0]) and backpropagate grad: adds the parameters' gradients to
+        `.grad` and returns the input's gradient, or None to do it eagerly (from loaded[0], which may then be the
+        static copy). The caller has set the RNG and autocast state of the forward. saved: the layer's attention
+        kept on the host (offloaded_attention.SavedForward), if any."""
+        hidden = loaded[0]
         found = self._entry(run, hidden, "backward")
         if found is None:
             return None
         entry, statics, static_run = found
+        replays_attention = saved is not None and (entry.replays_attention if entry.backward else saved.graph)
+        if entry.backward is not None and entry.replays_attention and not replays_attention:
+            return None
         with torch.no_grad():  # the buffers stay out of the caller's autograd graph
             statics.hidden.copy_(hidden)
+            loaded[0] = hidden = statics.hidden  # the loaded input's memory goes back before the replay
             statics.grad.copy_(grad)
-        if entry.backward is None and not self._capture_backward(entry, statics, static_run, hidden):
-            return None
+            if replays_attention:  # the graph reads it first and writes the input's gradient over it last
+                statics.result.copy_(saved.take_output(hidden.device))
+        if entry.backward is None:
+            if replays_attention:
+                saved.output, self.saver.replaying = statics.result, saved
+            entry.replays_attention = bool(replays_attention)
+            if not self._capture_backward(entry, statics, static_run, hidden):
+                return None
         sinks = entry.sinks
         fresh = [sink for param, sink in zip(entry.params, sinks) if param.grad is not sink]
         if fresh:

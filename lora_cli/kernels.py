@@ -258,6 +258,7 @@ class HostOffloader:
         self.on_host: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # inputs held until their copy is done
+        self.attached: dict = {}  # key -> the layer's saved attention (offloaded_attention.SavedForward)
         self.next_key = 0
 
     def save(self, tensor: torch.Tensor) -> int:
@@ -292,6 +293,14 @@ class HostOffloader:
             self._prefetch(key - 1, device)
         return tensor
 
+    def attach(self, key: int, saved) -> None:
+        """Bring saved's output back with the input of the layer under key (offloaded_attention.py)."""
+        if saved is not None:
+            self.attached[key] = saved
+
+    def take_attached(self, key: int):
+        return self.attached.pop(key, None)
+
     def _release_copied(self) -> None:
         compute = torch.cuda.current_stream()
         for _, copied in self.copying:
@@ -308,6 +317,8 @@ class HostOffloader:
             ready = torch.cuda.Event()
             ready.record()
         self.prefetched[key] = (tensor, ready)
+        if key in self.attached:
+            self.attached[key].fetch_output(device)
 
 
 class Recomputation:
@@ -343,21 +354,32 @@ class OffloadedCheckpoint(torch.autograd.Function):
     states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient."""
 
     @staticmethod
-    def forward(ctx, run, offloader, graphs, hidden_states, *args):
+    def forward(ctx, run, offloader, graphs, saver, hidden_states, *args):
+        from lora_cli.graphs import call_signature
+
         ctx.run, ctx.offloader, ctx.graphs, ctx.args, ctx.device = run, offloader, graphs, args, hidden_states.device
+        ctx.saver = saver
         ctx.input_requires_grad = hidden_states.requires_grad
         kind = hidden_states.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if kind == "cuda" else None)
         ctx.key = offloader.save(hidden_states)
-        with torch.no_grad():
-            if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
-                return out
-            return run(hidden_states, *args)
+        if saver is not None and not args:
+            saver.begin(call_signature(run, hidden_states))  # None (nothing saved) for a call graphs cannot take
+        try:
+            with torch.no_grad():
+                if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
+                    return out
+                return run(hidden_states, *args)
+        finally:
+            if saver is not None:
+                offloader.attach(ctx.key, saver.finish())
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden_states = ctx.offloader.load(ctx.key, ctx.device).detach().requires_grad_(ctx.input_requires_grad)
+        # In a list the graphs empty once they have copied it: the input is not held through the replay.
+        loaded = [ctx.offloader.load(ctx.key, ctx.device)]
+        saved = ctx.offloader.take_attached(ctx.key)  # the layer's attention, kept instead of recomputed
         enabled, dtype = ctx.autocast
         cuda = ctx.device.type == "cuda"
         with torch.random.fork_rng(devices=[ctx.device] if cuda else []), torch.enable_grad(), \
@@ -368,24 +390,32 @@ class OffloadedCheckpoint(torch.autograd.Function):
             Recomputation.active = True
             try:
                 graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
-                           and (grad_input := ctx.graphs.backward(ctx.run, hidden_states, grads[0])) is not None)
+                           and (grad_input := ctx.graphs.backward(ctx.run, loaded, grads[0], saved)) is not None)
                 if not graphed:
+                    hidden_states = loaded[0].detach().requires_grad_(ctx.input_requires_grad)
+                    if saved is not None and saved.graph is not None:
+                        saved.output = saved.take_output(ctx.device)
+                        ctx.saver.replaying = saved
                     outputs = ctx.run(hidden_states, *ctx.args)
             finally:
                 Recomputation.active = False
+                if saved is not None:
+                    ctx.saver.replaying, saved.fetched = None, None
         if graphed:
-            return (None, None, None, grad_input if ctx.input_requires_grad else None)
+            return (None, None, None, None, grad_input if ctx.input_requires_grad else None)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(out, grad) for out, grad in zip(outputs, grads)
                  if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return (None, None, None, hidden_states.grad, *(None for _ in ctx.args))
+        return (None, None, None, None, hidden_states.grad, *(None for _ in ctx.args))
 
 
-def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False):
+def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
+                            offload_attention: bool = False):
     """Make every checkpointed decoder layer keep its input on the host, with cuda_graphs (on a GPU) run as CUDA
     graphs (graphs.py), with lean_recompute rerun without its last projection where the architecture allows
-    (LLAMA_STYLE_MODEL_TYPES); returns how many layers, and the graphs' shared pool (None without graphs).
+    (LLAMA_STYLE_MODEL_TYPES), with offload_attention its attention kept on the host too where it can be
+    (offloaded_attention.py); returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -394,20 +424,23 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from lora_cli.graphs import GraphPool, LayerGraphs
+    from lora_cli.offloaded_attention import install_saver
 
     offloader = HostOffloader()
     pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
 
-    def checkpoint_with(graphs):
+    def checkpoint_with(graphs, saver):
         def checkpoint(run, hidden_states, *args, **kwargs):
-            return OffloadedCheckpoint.apply(run, offloader, graphs, hidden_states, *args)
+            return OffloadedCheckpoint.apply(run, offloader, graphs, saver, hidden_states, *args)
         return checkpoint
 
     lean = lean_recompute and lean_recompute_supported(model)
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool) if pool else None)
+            saver = install_saver(module, offloader.stream, offload_attention)
+            module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool, saver) if pool else None,
+                                                                  saver)
             mark_unread_in_recompute(module, lean)
             count += 1
     return count, pool

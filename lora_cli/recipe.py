@@ -93,6 +93,7 @@ class SpeedSection:
     varlen_attention: bool = True  # packed rows (training.packing) through varlen flash attention, not masked SDPA
     cuda_graphs: bool = True  # checkpointed decoder layers replayed as CUDA graphs (fixed-shape rows, one GPU)
     lean_recompute: bool = True  # the rerun of a checkpointed layer skips down_proj, whose output no backward reads
+    offload_attention: bool = True  # with offload_activations: the attention's saved tensors wait in host memory too
 
 
 @dataclass

@@ -13,6 +13,9 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
   function, the adapters' products added inside the SwiGLU kernel.
 - lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
   of a Llama-style layer skips its last projection, whose output no backward reads.
+- offloaded attention (offloaded_attention.py, `speed.offload_attention`): with offloaded checkpointing and fused
+  attention projections without dropout, what the attention's backward reads waits in host memory too, and the
+  rerun skips the attention.
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`) on one GPU, when the memory plan leaves
   room for their memory pool; packed batches are padded to one shape for them (kernels.FixedShapePackedBatches).
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
@@ -124,6 +127,7 @@ def use_own_kernels(trainer, recipe) -> str:
     from lora_cli.fused_mlp import gated_mlps
     from lora_cli.kernels import (FixedShapePackedBatches, fuse_lora_layers, lean_recompute_supported,
                                   use_varlen_attention, varlen_available)
+    from lora_cli.offloaded_attention import offloadable_attentions
 
     args = trainer.args
     packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
@@ -144,10 +148,12 @@ def use_own_kernels(trainer, recipe) -> str:
         trainer.data_collator = FixedShapePackedBatches(
             trainer.data_collator, args.per_device_train_batch_size * args.max_length, args.max_length)
     lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
+    attention = offloadable_attentions(trainer.model) if offload and recipe.speed.offload_attention else 0
     if offload:
-        trainer.add_callback(OffloadActivations(graphs, lean))
+        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
             f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
+            f" offload_attention={'on' if attention else 'off'} ({attention})"
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
 
 
@@ -176,13 +182,14 @@ class OffloadActivations(TrainerCallback):
     """Installs kernels.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
     drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
 
-    def __init__(self, cuda_graphs: bool, lean_recompute: bool):
-        self.cuda_graphs, self.lean_recompute, self.pool = cuda_graphs, lean_recompute, None
+    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool):
+        self.cuda_graphs, self.lean_recompute, self.offload_attention = cuda_graphs, lean_recompute, offload_attention
+        self.pool = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from lora_cli.kernels import offloaded_checkpointing
 
-        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute)
+        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         from lora_cli.kernels import offloaded_checkpointing
@@ -192,7 +199,8 @@ class OffloadActivations(TrainerCallback):
             if PartialState().is_main_process and self.pool.broken is None:
                 print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
                       "replayed", flush=True)
-            offloaded_checkpointing(model, lean_recompute=self.lean_recompute)  # no graphs, should it train again
+            offloaded_checkpointing(model, lean_recompute=self.lean_recompute,  # no graphs, should it train again
+                                    offload_attention=self.offload_attention)
             self.pool = None
 
 

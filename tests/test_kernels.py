@@ -209,6 +209,40 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     assert full_weights - lean_weights == config.num_hidden_layers
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("fused_mlp", [False, True], ids=["layers", "fused-mlp"])
+def test_offloaded_attention_gives_the_recomputed_gradients(tiny_llama, device, quantized, fused_mlp, monkeypatch):
+    """The attention kept on the host, not rerun, gives the loss and gradients of recomputation; the step runs
+    each attention projection twice (forward, backward) instead of three times, and the attention kernel once."""
+    from lora_cli import kernels
+
+    model = checkpointed_fused_model(tiny_llama, device, quantized, fused_mlp=fused_mlp)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    weights_made = []
+    real_base_weight = kernels.base_weight
+    monkeypatch.setattr(kernels, "base_weight", lambda layer, dtype: weights_made.append(layer) or
+                        real_base_weight(layer, dtype))
+    attention_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: attention_calls.append(1) or real_sdpa(*args, **kwargs))
+    runs = {}
+    for offload_attention in (False, True):
+        offloaded_checkpointing(model, lean_recompute=True, offload_attention=offload_attention)
+        weights_made.clear()
+        attention_calls.clear()
+        runs[offload_attention] = loss_and_grads(model, device, autocast), list(weights_made), len(attention_calls)
+    (recomputed, recomputed_weights, recomputed_calls), (kept, kept_weights, kept_calls) = runs[False], runs[True]
+    assert_same(recomputed, kept, 0.0 if device == "cpu" else 1e-5)
+    layers = model.config.num_hidden_layers
+    assert (recomputed_calls, kept_calls) == (2 * layers, layers)
+    attention = model.get_base_model().model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        base = getattr(attention, name).get_base_layer()
+        assert (recomputed_weights.count(base), kept_weights.count(base)) == (3, 2), name
+
+
 def graphed_runs(model, device, runs=3, length=24, accumulate=1):
     """loss_and_grads as a training loop calls it, several times: graphs are captured on the second call."""
     results = []
@@ -235,7 +269,8 @@ def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumula
     model = checkpointed_fused_model(tiny_llama, "cuda", quantized, dropout)
     offloaded_checkpointing(model)
     reference = graphed_runs(model, "cuda", accumulate=accumulate)[0]
-    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True)  # as lora train's defaults
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True,  # as lora train's defaults
+                                      offload_attention=True)
     runs = graphed_runs(model, "cuda", runs=4, accumulate=accumulate)
     assert pool.broken is None and all(layer.replaying for layer in pool.layers)
     for run in runs:  # eager warm-up, capture and replay, replays
@@ -244,10 +279,11 @@ def test_cuda_graphs_match_eager_layers(tiny_llama, quantized, dropout, accumula
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys):
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["offloaded-attention", "dropout"])
+def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys, dropout):
     """A layer CUDA cannot capture (this one reads a value back to the host) turns the graphs off for the run with
     a warning, and training goes on with the eager layers' losses and gradients, dropout masks included."""
-    model = checkpointed_fused_model(tiny_llama, "cuda", quantized=True, dropout=0.3)
+    model = checkpointed_fused_model(tiny_llama, "cuda", quantized=True, dropout=dropout)
 
     def read_back(module, args, output):
         output.sum().item()  # a host sync: not allowed while a stream is captured
@@ -255,7 +291,7 @@ def test_failed_capture_goes_on_with_eager_layers(tiny_llama, capsys):
     model.get_base_model().model.layers[1].mlp.register_forward_hook(read_back)
     offloaded_checkpointing(model)
     reference = graphed_runs(model, "cuda")[0]
-    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True)
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, lean_recompute=True, offload_attention=True)
     runs = graphed_runs(model, "cuda", runs=4)
     assert pool.broken is not None and "capture failed" in capsys.readouterr().err
     for run in runs:
@@ -268,7 +304,7 @@ def test_cuda_graphs_follow_a_new_shape(tiny_llama):
     model = checkpointed_fused_model(tiny_llama, "cuda", fused_mlp=False)
     offloaded_checkpointing(model)
     short, long = graphed_runs(model, "cuda", runs=1)[0], graphed_runs(model, "cuda", runs=1, length=40)[0]
-    _, pool = offloaded_checkpointing(model, cuda_graphs=True)
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, offload_attention=True)
     for length, reference in [(24, short), (24, short), (40, long), (40, long), (24, short), (40, long)]:
         assert_same(reference, graphed_runs(model, "cuda", runs=1, length=length)[0], 1e-5)
     assert pool.broken is None and [len(layer.entries) for layer in pool.layers] == [2, 2]

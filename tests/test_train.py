@@ -264,9 +264,10 @@ def test_steps_start_in_training_mode_without_gradients_after_evaluation(tmp_pat
 @pytest.mark.parametrize(("dropout", "packing"), [(0.0, False), (0.1, False), (0.0, True)],
                          ids=["no-dropout", "dropout", "packed"])
 def test_cuda_graphs_train_the_same_adapter(tmp_path, tiny_llama, capsys, dropout, packing):
-    """QLoRA with checkpointing, the GPU default path: layers replayed as CUDA graphs train the adapter that
-    `speed.cuda_graphs: false` trains; on fixed-length rows, and on packed rows of varied lengths (padded to one
-    shape for the graphs, left as TRL makes them without)."""
+    """QLoRA with checkpointing, the GPU default path: layers replayed as CUDA graphs, their attention kept in host
+    memory (without dropout), train the adapter that `speed.cuda_graphs: false, speed.offload_attention: false`
+    trains; on fixed-length rows, and on packed rows of varied lengths (padded to one shape for the graphs, left as
+    TRL makes them without)."""
     lengths = [10 + (i * 23) % 50 for i in range(48)] if packing else [64] * 24
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"input_ids": list(range(10 + i, 10 + i + n))}
                                                  for i, n in enumerate(lengths)])
@@ -276,11 +277,13 @@ def test_cuda_graphs_train_the_same_adapter(tmp_path, tiny_llama, capsys, dropou
                             training={"max_steps": 5, "learning_rate": 1e-2, "gradient_checkpointing": True,
                                       "packing": packing, "max_length": 64},
                             lora={"r": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear"},
-                            speed={"cuda_graphs": graphs},
+                            speed={"cuda_graphs": graphs, "offload_attention": graphs},
                             quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})
         train(recipe)
         out = capsys.readouterr()
         assert f"cuda_graphs={'on' if graphs else 'off'}" in out.out and "capture failed" not in out.err
+        kept = "on (2)" if graphs and not dropout else "off (0)"
+        assert f"offload_attention={kept}" in out.out
         assert ("CUDA graphs: 2 of 2 decoder layers replayed" in out.out) == graphs
         adapters[graphs] = load_file(tmp_path / f"graphs-{graphs}" / "adapter_model.safetensors")
     change = max(v.abs().max().item() for k, v in adapters[False].items() if "lora_B" in k)

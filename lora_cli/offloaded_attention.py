@@ -1,0 +1,339 @@
+"""A checkpointed layer's attention kept in host memory instead of recomputed (`speed.offload_attention`).
+
+Why: with activation checkpointing a layer's backward first reruns its forward. In a QLoRA step the attention half
+of that rerun (the q, k, v and o projections with their NF4 dequantization and adapters, RoPE and the attention
+kernel) was about 0.9 ms a layer on an H100 for the Llama-3.1-8B shape at 4,096 tokens: about 29 ms of a 363 ms
+step (an estimate from the GPU profile `benchmarks/results/2026-11-23-h100-profile-421bec1.txt`). What its
+backward reads (q and k after RoPE, v, the attention output and its log-sum-exp: about 80 MB a layer there) fits
+through the host link beside the layer input, and there is no GPU memory to keep it instead.
+
+How: in the checkpointed forward (kernels.OffloadedCheckpoint, run without autograd) the attention module runs with
+autograd on, and every tensor its backward saves goes to pinned host memory on the side stream through saved-tensor
+hooks; its output goes there too. The rerun does not run the module: `AttentionReplay` hands out the output,
+brought back one layer ahead (kernels.HostOffloader), and its backward runs the saved autograd graph, whose tensors
+come back on the side stream while the layer's MLP reruns. The graph is the libraries' own (the fused LoRA layers,
+Liger's or transformers' RoPE, SDPA or varlen attention), so the gradients are the ones recomputation gives.
+
+The host buffers of a layer are kept per input shape and reused, so CUDA graphs (graphs.py) capture the copies as
+well. Used where kernels.py fuses all four projections (PEFT's 4-bit path keeps its input outside the hooks'
+reach) and nothing in the attention draws random numbers (LoRA dropout 0: the rerun would skip the draws and shift
+the MLP's dropout masks); other layers recompute as before. tests/test_kernels.py checks loss and gradients
+against recomputation.
+"""
+
+import collections
+
+import torch
+
+from lora_cli.graphs import MAX_SHAPES, Unsupported
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class Entry(torch.autograd.Function):
+    """The saved graph's input. On the way back it hands its gradient to the saved forward: a leaf tensor would
+    keep the module input's memory alive until the backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, anchor, saved):
+        ctx.saved = saved
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved.input_grad = grad
+        return None, None, None
+
+
+class Exit(torch.autograd.Function):
+    """The saved graph's end without the output's memory: an empty tensor whose backward passes on the gradient
+    the rerun was given for the output."""
+
+    @staticmethod
+    def forward(ctx, output, saved):
+        ctx.saved = saved
+        return output.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        return ctx.saved.output_grad, None
+
+
+class AttentionReplay(torch.autograd.Function):
+    """The attention module in the rerun: its saved output, and as backward, its saved graph's."""
+
+    @staticmethod
+    def forward(ctx, hidden, saved):
+        ctx.saved = saved
+        return saved.output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.saved.backward(grad), None
+
+
+class SavedForward:
+    """One layer's saved attention for one input shape: host copies of the storages its backward reads, reused
+    every step (fixed addresses for CUDA graphs), and the state of the forward in flight."""
+
+    def __init__(self, stream):
+        self.stream = stream  # the host copies' side stream (HostOffloader's), None on a CPU
+        self.hosts: list[torch.Tensor] = []  # pinned bytes of each saved storage
+        self.output_host: torch.Tensor | None = None
+        self.output_layout = None
+        self.fresh = False  # set by a forward that ran in Python (not a graph replay)
+        self.graph = None  # (end of the saved graph, anchor) from that forward, until its backward
+        self.pending: list[torch.Tensor] = []  # device storages being copied out
+        self.output = None  # the output back on the device, for the rerun
+        self.fetched = None  # (bytes, ready event) of the output brought back ahead
+        self.loaded: list[torch.Tensor] = []
+        self.loaded_ready = None
+        self.replay_input = None
+        self.input_grad = self.output_grad = None
+
+    # Forward: copy out.
+    def run(self, forward, hidden, args, kwargs, kept: set):
+        """Run the attention with autograd on, its saved tensors copied out; returns the module's outputs."""
+        index_of: dict[int, int] = {}
+        input_ptr = hidden.untyped_storage().data_ptr()
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            layout = (tensor.dtype, tensor.size(), tensor.stride(), tensor.storage_offset())
+            if storage.data_ptr() == input_ptr:
+                return ("input", layout)  # the rerun has the same input: nothing to copy
+            if isinstance(tensor, torch.nn.Parameter) or storage.data_ptr() in kept or storage.nbytes() == 0:
+                return ("kept", tensor)  # alive anyway: weights, the call's other inputs (rotary tables, masks)
+            if storage.data_ptr() not in index_of:
+                index_of[storage.data_ptr()] = len(index_of)
+                self._copy_out(len(index_of) - 1, storage)
+            return ("host", index_of[storage.data_ptr()], layout)
+
+        anchor = torch.empty(0, requires_grad=True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            outputs = forward(Entry.apply(hidden, anchor, self), *args, **kwargs)
+            end = Exit.apply(outputs[0], self)
+        del self.hosts[len(index_of):]
+        output = outputs[0].detach()
+        self.output_host = self._copy_out(None, output.untyped_storage())
+        self.output_layout = (output.dtype, output.size(), output.stride(), output.storage_offset())
+        self.graph, self.fresh = (end, anchor), True
+        return (output, *outputs[1:])
+
+    def _copy_out(self, index, storage) -> torch.Tensor:
+        device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+        host = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
+        if host is None or host.numel() != device_bytes.numel():
+            if capturing_now():
+                raise Unsupported("a saved attention tensor changed size under a CUDA graph capture")
+            host = torch.empty(device_bytes.numel(), dtype=torch.uint8, pin_memory=self.stream is not None)
+            if index is not None:
+                self.hosts[index:index + 1] = [host]
+        # Held until the copies end: also keeps its address from being reused by a later saved tensor meanwhile.
+        self.pending.append(device_bytes)
+        if self.stream is None:
+            host.copy_(device_bytes)
+            return host
+        self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written
+        with torch.cuda.stream(self.stream):
+            host.copy_(device_bytes, non_blocking=True)
+        return host
+
+    def finish_forward(self) -> None:
+        """The compute stream waits for the copies (at the end of the layer, so they overlap its MLP), then lets
+        the device storages go: in stream order, as HostOffloader does for the layer inputs."""
+        if self.pending and self.stream is not None:
+            done = torch.cuda.Event()
+            done.record(self.stream)
+            torch.cuda.current_stream().wait_event(done)
+        self.pending.clear()
+
+    # Backward: bring back.
+    def fetch_output(self, device) -> None:
+        """Bring the output back on the side stream (called one layer ahead, by HostOffloader's prefetch)."""
+        if self.stream is None:
+            self.fetched = (self.output_host, None)
+            return
+        device_bytes = torch.empty(self.output_host.shape, dtype=torch.uint8, device=device)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the block's earlier use is over
+        with torch.cuda.stream(self.stream):
+            device_bytes.copy_(self.output_host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.fetched = (device_bytes, ready)
+
+    def take_output(self, device) -> torch.Tensor:
+        if self.fetched is None:
+            self.fetch_output(device)
+        (device_bytes, ready), self.fetched = self.fetched, None
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        return _view(device_bytes, self.output_layout)
+
+    def replay(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The module's output in the rerun, differentiable through the saved graph; starts bringing back what
+        that graph saved."""
+        self.replay_input = hidden.detach()
+        if self.stream is None:
+            self.loaded = self.hosts
+        else:
+            self.loaded = [torch.empty(host.shape, dtype=torch.uint8, device=hidden.device) for host in self.hosts]
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for device_bytes, host in zip(self.loaded, self.hosts):
+                    device_bytes.copy_(host, non_blocking=True)
+                self.loaded_ready = torch.cuda.Event()
+                self.loaded_ready.record()
+        return AttentionReplay.apply(hidden, self)
+
+    def _unpack(self, packed):
+        kind, *rest = packed
+        if kind == "kept":
+            return rest[0]
+        if kind == "input":
+            return _view(self.replay_input, rest[0])
+        self._wait_loaded()
+        index, layout = rest
+        return _view(self.loaded[index], layout)
+
+    def _wait_loaded(self) -> None:
+        if self.loaded_ready is not None:
+            torch.cuda.current_stream().wait_event(self.loaded_ready)
+            self.loaded_ready = None
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        (end, _), self.graph = self.graph, None
+        self.output_grad = grad
+        torch.autograd.backward(end, end.new_empty(0))  # the adapters' gradients accumulate as usual
+        self._wait_loaded()  # joins the side stream even when nothing was read from it
+        grad_input = self.input_grad
+        self.loaded, self.replay_input, self.input_grad, self.output_grad, self.output = [], None, None, None, None
+        return grad_input
+
+
+def capturing_now() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _view(tensor, layout) -> torch.Tensor:
+    dtype, size, stride, offset = layout
+    flat = tensor if tensor.dtype == dtype else tensor.view(dtype)
+    return flat.as_strided(size, stride, offset)
+
+
+def _storages(value, found: set) -> set:
+    if isinstance(value, torch.Tensor):
+        found.add(value.untyped_storage().data_ptr())
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _storages(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _storages(item, found)
+    return found
+
+
+class AttentionSaver:
+    """The saved forwards of one attention module, by the layer call's signature (graphs.call_signature)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.forwards: collections.OrderedDict = collections.OrderedDict()
+        self.captured: set = set()  # signatures whose forward a CUDA graph captured: their buffers stay
+        self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
+        self.replaying: SavedForward | None = None  # the saved forward the rerun replays
+
+    def begin(self, key) -> None:
+        self.key = key
+
+    def join(self) -> None:
+        """End the copies of the forward running now (inside a CUDA graph capture, before it ends)."""
+        saved = self.forwards.get(self.key)
+        if saved is not None and saved.fresh:
+            saved.finish_forward()
+
+    def finish(self) -> SavedForward | None:
+        """The saved forward of the layer call that just ran: one that ran in Python, or a CUDA graph replay of a
+        captured one (its copies are in the graph); None when the attention was not saved."""
+        key, self.key = self.key, None
+        saved = self.forwards.get(key)
+        if saved is None:
+            return None
+        if saved.fresh:
+            saved.fresh = False
+            saved.finish_forward()
+            return saved
+        if key in self.captured:
+            saved.graph = None  # a replay: only the captured backward can use what it saved
+            return saved
+        return None
+
+    def save(self, forward, hidden, args, kwargs):
+        key = self.key
+        saved = self.forwards.get(key)
+        capturing = capturing_now()
+        if saved is None:
+            if capturing:
+                return forward(hidden, *args, **kwargs)
+            saved = self.forwards[key] = SavedForward(self.stream)
+            self._evict()
+        self.forwards.move_to_end(key)
+        outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
+        if capturing:
+            self.captured.add(key)
+        return outputs
+
+    def _evict(self) -> None:
+        while len(self.forwards) > MAX_SHAPES + 1:
+            stale = next((key for key in self.forwards if key not in self.captured), None)
+            if stale is None:
+                return
+            del self.forwards[stale]
+
+
+def offloaded_attention_forward(self, hidden_states, *args, **kwargs):
+    """Replaces an attention module's forward while training with offloaded checkpointing."""
+    from lora_cli.kernels import Recomputation
+
+    saver = self.attention_saver
+    if saver is None:
+        return self.unsaved_forward(hidden_states, *args, **kwargs)
+    if Recomputation.active and saver.replaying is not None:
+        saved, saver.replaying = saver.replaying, None
+        return saved.replay(hidden_states), None
+    if saver.key is not None and self.training and not torch.is_grad_enabled():
+        return saver.save(self.unsaved_forward, hidden_states, args, kwargs)
+    return self.unsaved_forward(hidden_states, *args, **kwargs)
+
+
+def attention_of(layer):
+    """The layer's attention module when its attention can be offloaded: all four projections fused LoRA layers
+    without dropout, no attention dropout."""
+    attention = getattr(layer, "self_attn", None)
+    projections = [getattr(attention, name, None) for name in PROJECTIONS]
+    if not all(hasattr(p, "fused_adapters") for p in projections) or getattr(attention, "attention_dropout", 0):
+        return None
+    if any(p > 0 for projection in projections for p in projection.fused_adapters.values()):
+        return None
+    return attention
+
+
+def offloadable_attentions(model) -> int:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(attention_of(module) is not None for module in model.modules()
+               if isinstance(module, GradientCheckpointingLayer))
+
+
+def install_saver(layer, stream, enabled: bool) -> AttentionSaver | None:
+    """Give the layer's attention a fresh saver, or take it away; returns it (None where not offloaded)."""
+    import types
+
+    attention = attention_of(layer)
+    if attention is None:
+        return None
+    if not hasattr(attention, "unsaved_forward"):
+        attention.unsaved_forward = attention.forward
+        attention.forward = types.MethodType(offloaded_attention_forward, attention)
+    attention.attention_saver = AttentionSaver(stream) if enabled else None
+    return attention.attention_saver
