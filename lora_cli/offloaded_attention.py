@@ -82,6 +82,7 @@ class SavedForward:
         self.output_host: torch.Tensor | None = None
         self.output_layout = None
         self.fresh = False  # set by a forward that ran in Python (not a graph replay)
+        self.frozen = False  # a CUDA graph has the host buffers' addresses: they stay
         self.graph = None  # (end of the saved graph, anchor) from that forward, until its backward
         self.pending: list[torch.Tensor] = []  # device storages being copied out
         self.output = None  # the output back on the device, for the rerun
@@ -113,7 +114,10 @@ class SavedForward:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             outputs = forward(Entry.apply(hidden, anchor, self), *args, **kwargs)
             end = Exit.apply(outputs[0], self)
-        del self.hosts[len(index_of):]
+        if len(index_of) != len(self.hosts):
+            if self.frozen:
+                raise Unsupported("the attention saved other tensors than under its CUDA graph")
+            del self.hosts[len(index_of):]
         output = outputs[0].detach()
         self.output_host = self._copy_out(None, output.untyped_storage())
         self.output_layout = (output.dtype, output.size(), output.stride(), output.storage_offset())
@@ -124,8 +128,8 @@ class SavedForward:
         device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         host = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
         if host is None or host.numel() != device_bytes.numel():
-            if capturing_now():
-                raise Unsupported("a saved attention tensor changed size under a CUDA graph capture")
+            if self.frozen or capturing_now():
+                raise Unsupported("the attention saved other tensors than under its CUDA graph")
             host = torch.empty(device_bytes.numel(), dtype=torch.uint8, pin_memory=self.stream is not None)
             if index is not None:
                 self.hosts[index:index + 1] = [host]
@@ -234,30 +238,39 @@ def _storages(value, found: set) -> set:
 
 
 class AttentionSaver:
-    """The saved forwards of one attention module, by the layer call's signature (graphs.call_signature)."""
+    """The saved forwards of one attention module, by the shape of the layer input.
+
+    By shape, not by the whole call's signature (graphs.call_signature): what the attention saves has the size of
+    its input, and the calls' other tensors (sequence bounds of packed rows, rotary tables, masks) are kept as they
+    are, so calls of one shape can share host buffers; packed rows change their sequence count from batch to batch,
+    and each new signature would otherwise pin another few GB of host memory (measured: packed QLoRA fell from
+    97% to 64% of the fixed-length rate). Graphs of several signatures then read and write the same buffers,
+    which is safe: a layer has one forward at a time waiting for its backward."""
 
     def __init__(self, stream):
         self.stream = stream
         self.forwards: collections.OrderedDict = collections.OrderedDict()
-        self.captured: set = set()  # signatures whose forward a CUDA graph captured: their buffers stay
-        self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
+        self.captured: set = set()  # call signatures whose forward a CUDA graph captured
+        self.kept_shapes: set = set()  # their shapes, whose buffers the graphs use: never evicted
+        self.key = self.shape = None  # the signature and input shape of the layer call running now
         self.replaying: SavedForward | None = None  # the saved forward the rerun replays
 
-    def begin(self, key) -> None:
-        self.key = key
+    def begin(self, key, hidden: torch.Tensor) -> None:
+        """Set by OffloadedCheckpoint before the layer's checkpointed forward; key None: do not save."""
+        self.key, self.shape = key, (tuple(hidden.shape), hidden.dtype, hidden.device)
 
     def join(self) -> None:
         """End the copies of the forward running now (inside a CUDA graph capture, before it ends)."""
-        saved = self.forwards.get(self.key)
+        saved = self.forwards.get(self.shape)
         if saved is not None and saved.fresh:
             saved.finish_forward()
 
     def finish(self) -> SavedForward | None:
         """The saved forward of the layer call that just ran: one that ran in Python, or a CUDA graph replay of a
         captured one (its copies are in the graph); None when the attention was not saved."""
-        key, self.key = self.key, None
-        saved = self.forwards.get(key)
-        if saved is None:
+        (key, shape), self.key, self.shape = (self.key, self.shape), None, None
+        saved = self.forwards.get(shape)
+        if saved is None or key is None:
             return None
         if saved.fresh:
             saved.fresh = False
@@ -269,23 +282,33 @@ class AttentionSaver:
         return None
 
     def save(self, forward, hidden, args, kwargs):
-        key = self.key
-        saved = self.forwards.get(key)
+        saved = self.forwards.get(self.shape)
         capturing = capturing_now()
         if saved is None:
             if capturing:
                 return forward(hidden, *args, **kwargs)
-            saved = self.forwards[key] = SavedForward(self.stream)
+            saved = self.forwards[self.shape] = SavedForward(self.stream)
             self._evict()
-        self.forwards.move_to_end(key)
-        outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
+        self.forwards.move_to_end(self.shape)
+        try:
+            outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
+        except Unsupported:
+            if capturing:
+                raise  # the capture fails, and the run goes on without graphs
+            saved.finish_forward()
+            self.key = None  # not saved: the rerun recomputes this layer's attention
+            return forward(hidden, *args, **kwargs)
         if capturing:
-            self.captured.add(key)
+            self.captured.add(self.key)
+            self.kept_shapes.add(self.shape)
+            saved.frozen = True
         return outputs
 
     def _evict(self) -> None:
+        """Eager runs of many shapes (padded batches without graphs) keep a few; the host allocator reuses the
+        memory of the others."""
         while len(self.forwards) > MAX_SHAPES + 1:
-            stale = next((key for key in self.forwards if key not in self.captured), None)
+            stale = next((shape for shape in self.forwards if shape not in self.kept_shapes), None)
             if stale is None:
                 return
             del self.forwards[stale]
@@ -301,7 +324,7 @@ def offloaded_attention_forward(self, hidden_states, *args, **kwargs):
     if Recomputation.active and saver.replaying is not None:
         saved, saver.replaying = saver.replaying, None
         return saved.replay(hidden_states), None
-    if saver.key is not None and self.training and not torch.is_grad_enabled():
+    if saver.key is not None and self.training and not torch.is_grad_enabled():  # the checkpointed forward
         return saver.save(self.unsaved_forward, hidden_states, args, kwargs)
     return self.unsaved_forward(hidden_states, *args, **kwargs)
 
