@@ -365,7 +365,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if kind == "cuda" else None)
         ctx.key = offloader.save(hidden_states)
         if saver is not None and not args:
-            saver.begin(call_signature(run, hidden_states), hidden_states)  # key None: a call graphs cannot take
+            saver.begin(call_signature(run, hidden_states))  # None (nothing saved) for a call graphs cannot take
         try:
             with torch.no_grad():
                 if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:

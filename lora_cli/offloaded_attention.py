@@ -76,8 +76,9 @@ class SavedForward:
     """One layer's saved attention for one input shape: host copies of the storages its backward reads, reused
     every step (fixed addresses for CUDA graphs), and the state of the forward in flight."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, host_buffer):
         self.stream = stream  # the host copies' side stream (HostOffloader's), None on a CPU
+        self.host_buffer = host_buffer  # AttentionSaver.host_buffer
         self.hosts: list[torch.Tensor] = []  # pinned bytes of each saved storage
         self.output_host: torch.Tensor | None = None
         self.output_layout = None
@@ -110,7 +111,9 @@ class SavedForward:
                 self._copy_out(len(index_of) - 1, storage)
             return ("host", index_of[storage.data_ptr()], layout)
 
-        anchor = torch.empty(0, requires_grad=True)
+        # On the input's device: a CPU tensor in the saved graph sent its backward through the engine's CPU queue,
+        # whose stream (the legacy one) cannot wait for a CUDA graph capture.
+        anchor = hidden.new_empty(0).requires_grad_()
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             outputs = forward(Entry.apply(hidden, anchor, self), *args, **kwargs)
             end = Exit.apply(outputs[0], self)
@@ -128,9 +131,9 @@ class SavedForward:
         device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         host = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
         if host is None or host.numel() != device_bytes.numel():
-            if self.frozen or capturing_now():
+            if self.frozen:
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
-            host = torch.empty(device_bytes.numel(), dtype=torch.uint8, pin_memory=self.stream is not None)
+            host = self.host_buffer(index, device_bytes.numel())
             if index is not None:
                 self.hosts[index:index + 1] = [host]
         # Held until the copies end: also keeps its address from being reused by a later saved tensor meanwhile.
@@ -215,6 +218,21 @@ class SavedForward:
         return grad_input
 
 
+def host_bytes(count: int, pinned: bool) -> torch.Tensor:
+    """Host memory for saved tensors, pinned outside torch's caching host allocator: a copy into memory of that
+    allocator records an event, which the allocator later queries, also from the DataLoader's pin-memory thread;
+    one queried while a CUDA graph capture was recording it invalidated the capture (`lora train`, H100)."""
+    import weakref
+
+    buffer = torch.empty(count, dtype=torch.uint8)
+    if pinned and count:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(buffer.data_ptr(), count, 0)) != 0:
+            raise RuntimeError(f"could not pin {count} bytes of host memory for the offloaded attention")
+        weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    return buffer
+
+
 def capturing_now() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -238,39 +256,37 @@ def _storages(value, found: set) -> set:
 
 
 class AttentionSaver:
-    """The saved forwards of one attention module, by the shape of the layer input.
+    """The saved forwards of one attention module, one per layer call signature (graphs.call_signature), and the
+    pinned host buffers they use.
 
-    By shape, not by the whole call's signature (graphs.call_signature): what the attention saves has the size of
-    its input, and the calls' other tensors (sequence bounds of packed rows, rotary tables, masks) are kept as they
-    are, so calls of one shape can share host buffers; packed rows change their sequence count from batch to batch,
-    and each new signature would otherwise pin another few GB of host memory (measured: packed QLoRA fell from
-    97% to 64% of the fixed-length rate). Graphs of several signatures then read and write the same buffers,
-    which is safe: a layer has one forward at a time waiting for its backward."""
+    The buffers are shared by size: packed rows change their sequence count from batch to batch, so their calls
+    have several signatures but save tensors of the same sizes, and a buffer set per signature pinned another few
+    GB of host memory each time (measured: packed QLoRA fell from 97% to 64% of the fixed-length rate). Sharing is
+    safe: a layer has one forward at a time waiting for its backward."""
 
     def __init__(self, stream):
         self.stream = stream
         self.forwards: collections.OrderedDict = collections.OrderedDict()
-        self.captured: set = set()  # call signatures whose forward a CUDA graph captured
-        self.kept_shapes: set = set()  # their shapes, whose buffers the graphs use: never evicted
-        self.key = self.shape = None  # the signature and input shape of the layer call running now
+        self.captured: set = set()  # signatures whose forward a CUDA graph captured: kept
+        self.buffers: dict = {}  # (place, bytes) -> pinned host buffer
+        self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
         self.replaying: SavedForward | None = None  # the saved forward the rerun replays
 
-    def begin(self, key, hidden: torch.Tensor) -> None:
-        """Set by OffloadedCheckpoint before the layer's checkpointed forward; key None: do not save."""
-        self.key, self.shape = key, (tuple(hidden.shape), hidden.dtype, hidden.device)
+    def begin(self, key) -> None:
+        self.key = key
 
     def join(self) -> None:
         """End the copies of the forward running now (inside a CUDA graph capture, before it ends)."""
-        saved = self.forwards.get(self.shape)
+        saved = self.forwards.get(self.key)
         if saved is not None and saved.fresh:
             saved.finish_forward()
 
     def finish(self) -> SavedForward | None:
         """The saved forward of the layer call that just ran: one that ran in Python, or a CUDA graph replay of a
         captured one (its copies are in the graph); None when the attention was not saved."""
-        (key, shape), self.key, self.shape = (self.key, self.shape), None, None
-        saved = self.forwards.get(shape)
-        if saved is None or key is None:
+        key, self.key = self.key, None
+        saved = self.forwards.get(key)
+        if saved is None:
             return None
         if saved.fresh:
             saved.fresh = False
@@ -282,14 +298,15 @@ class AttentionSaver:
         return None
 
     def save(self, forward, hidden, args, kwargs):
-        saved = self.forwards.get(self.shape)
+        key = self.key
+        saved = self.forwards.get(key)
         capturing = capturing_now()
         if saved is None:
             if capturing:
                 return forward(hidden, *args, **kwargs)
-            saved = self.forwards[self.shape] = SavedForward(self.stream)
+            saved = self.forwards[key] = SavedForward(self.stream, self.host_buffer)
             self._evict()
-        self.forwards.move_to_end(self.shape)
+        self.forwards.move_to_end(key)
         try:
             outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
         except Unsupported:
@@ -299,19 +316,27 @@ class AttentionSaver:
             self.key = None  # not saved: the rerun recomputes this layer's attention
             return forward(hidden, *args, **kwargs)
         if capturing:
-            self.captured.add(self.key)
-            self.kept_shapes.add(self.shape)
+            self.captured.add(key)
             saved.frozen = True
         return outputs
 
+    def host_buffer(self, place, count: int) -> torch.Tensor:
+        """The pinned buffer for the place-th saved storage (None: the output) of count bytes."""
+        if (place, count) not in self.buffers:
+            if capturing_now():
+                raise Unsupported("the attention saved other tensors than under its CUDA graph")
+            self.buffers[(place, count)] = host_bytes(count, pinned=self.stream is not None)
+        return self.buffers[(place, count)]
+
     def _evict(self) -> None:
-        """Eager runs of many shapes (padded batches without graphs) keep a few; the host allocator reuses the
-        memory of the others."""
+        """Eager runs of many shapes (padded batches without graphs) keep a few, and the buffers they use."""
         while len(self.forwards) > MAX_SHAPES + 1:
-            stale = next((shape for shape in self.forwards if shape not in self.kept_shapes), None)
+            stale = next((key for key in self.forwards if key not in self.captured), None)
             if stale is None:
-                return
+                break
             del self.forwards[stale]
+        used = {id(host) for saved in self.forwards.values() for host in [*saved.hosts, saved.output_host]}
+        self.buffers = {place: host for place, host in self.buffers.items() if id(host) in used}
 
 
 def offloaded_attention_forward(self, hidden_states, *args, **kwargs):
