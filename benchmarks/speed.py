@@ -172,17 +172,8 @@ def print_profile(profiler) -> None:
     runtime = [e for e in events if e.get("cat") == "cuda_runtime" and e.get("dur", 0) > 200]
     if kernels:
         span = kernels[-1][1] - kernels[0][0]
-        busy, end, gaps = 0.0, kernels[0][0], []
-        for begin, finish, name in kernels:
-            if begin > end:
-                gaps.append((begin - end, end, name))
-            busy += max(0.0, finish - max(begin, end))
-            end = max(end, finish)
-        computing, end = 0.0, kernels[0][0]  # the same without the host copies, which run beside the kernels
-        for begin, finish, name in kernels:
-            if not name.startswith(("Memcpy HtoD", "Memcpy DtoH")):
-                computing += max(0.0, finish - max(begin, end))
-                end = max(end, finish)
+        busy, gaps = covered(kernels)
+        computing, _ = covered([k for k in kernels if not k[2].startswith(("Memcpy HtoD", "Memcpy DtoH"))])
         lines.append(f"GPU busy {busy / 1e3:.0f} ms of {span / 1e3:.0f} ms ({busy / span:.0%}), computing "
                      f"{computing / 1e3:.0f} ms ({computing / span:.0%}); {len(gaps)} idle gaps, "
                      f"{sum(g[0] for g in gaps) / 1e3:.0f} ms in all")
@@ -190,6 +181,17 @@ def print_profile(profiler) -> None:
             calls = sorted({e["name"] for e in runtime if e["ts"] < at + length and e["ts"] + e["dur"] > at})
             lines.append(f"  gap {length / 1e3:.2f} ms before {name[:60]}; host calls: {', '.join(calls)[:150]}")
     print("\n".join("PROFILE " + line for line in lines), flush=True)
+
+
+def covered(spans) -> tuple[float, list]:
+    """The time sorted (begin, end, name) spans cover, and the gaps between them (length, start, name after)."""
+    busy, end, gaps = 0.0, spans[0][0], []
+    for begin, finish, name in spans:
+        if begin > end:
+            gaps.append((begin - end, end, name))
+        busy += max(0.0, finish - max(begin, end))
+        end = max(end, finish)
+    return busy, gaps
 
 
 def print_memory_peak(snapshot: dict) -> None:

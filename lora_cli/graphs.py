@@ -193,7 +193,8 @@ class LayerGraphs:
         if found is None:
             return None
         entry, statics, static_run = found
-        replays_attention = saved is not None and (entry.replays_attention if entry.backward else saved.graph)
+        replays_attention = saved is not None and (entry.replays_attention if entry.backward
+                                                   else saved.graph is not None)
         if entry.backward is not None and entry.replays_attention and not replays_attention:
             return None
         with torch.no_grad():  # the buffers stay out of the caller's autograd graph
@@ -205,7 +206,7 @@ class LayerGraphs:
         if entry.backward is None:
             if replays_attention:
                 saved.output, self.saver.replaying = statics.result, saved
-            entry.replays_attention = bool(replays_attention)
+            entry.replays_attention = replays_attention
             if not self._capture_backward(entry, statics, static_run, hidden):
                 return None
         sinks = entry.sinks

@@ -14,8 +14,8 @@ brought back one layer ahead (kernels.HostOffloader), and its backward runs the 
 come back on the side stream while the layer's MLP reruns. The graph is the libraries' own (the fused LoRA layers,
 Liger's or transformers' RoPE, SDPA or varlen attention), so the gradients are the ones recomputation gives.
 
-The host buffers of a layer are kept per input shape and reused, so CUDA graphs (graphs.py) capture the copies as
-well. Used where kernels.py fuses all four projections (PEFT's 4-bit path keeps its input outside the hooks'
+A layer keeps a saved forward per call signature and its pinned host buffers, shared by size, reused every step,
+so CUDA graphs (graphs.py) capture the copies as well. Used where kernels.py fuses all four projections (PEFT's 4-bit path keeps its input outside the hooks'
 reach) and nothing in the attention draws random numbers (LoRA dropout 0: the rerun would skip the draws and shift
 the MLP's dropout masks); other layers recompute as before. tests/test_kernels.py checks loss and gradients
 against recomputation.
