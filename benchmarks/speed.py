@@ -14,7 +14,7 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_nolean, qlora_noattention, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
@@ -292,6 +292,8 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"lean_recompute": False}
     if mode.endswith("_noattention"):
         raw["speed"] = {"offload_attention": False}
+    if mode.endswith("_trlloss"):
+        raw["speed"] = {"fused_loss": False}
     records, losses, graph_pools = [], [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
                     callbacks=[timer_callback(records, losses, graph_pools)])

@@ -18,6 +18,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
   rerun skips the attention.
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`) on one GPU, when the memory plan leaves
   room for their memory pool; packed batches are padded to one shape for them (kernels.FixedShapePackedBatches).
+- the fused loss (fused_loss.py, `speed.fused_loss`): on one GPU, the LM head and loss through Liger's fused linear
+  cross-entropy instead of TRL's fused LM head (two matmuls instead of three, no syncs a step).
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
 per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
@@ -124,6 +126,7 @@ def use_own_kernels(trainer, recipe) -> str:
     """
     import torch
 
+    from lora_cli.fused_loss import fused_loss_supported, use_fused_loss
     from lora_cli.fused_mlp import gated_mlps
     from lora_cli.kernels import (FixedShapePackedBatches, fuse_lora_layers, lean_recompute_supported,
                                   use_varlen_attention, varlen_available)
@@ -151,10 +154,14 @@ def use_own_kernels(trainer, recipe) -> str:
     attention = offloadable_attentions(trainer.model) if offload and recipe.speed.offload_attention else 0
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean, attention > 0))
+    fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
+    if fused_loss:
+        use_fused_loss(trainer)
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
             f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
             f" offload_attention={'on' if attention else 'off'} ({attention})"
-            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}")
+            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
+            f" fused_loss={'on' if fused_loss else 'off'}")
 
 
 def graphs_fit(peft_model, recipe, args) -> bool:

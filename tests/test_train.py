@@ -260,6 +260,40 @@ def test_steps_start_in_training_mode_without_gradients_after_evaluation(tmp_pat
     assert len(seen["eval"]) >= 3 and all(seen["eval"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's fused linear cross-entropy runs on a GPU")
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_fused_loss_trains_trls_adapter(tmp_path, tiny_llama, capsys, packing):
+    """The LM head and loss through Liger's fused linear cross-entropy log TRL's losses, accuracy and token counts
+    and train the adapter TRL's own fused LM head trains (`speed.fused_loss: false`), on rows of varied lengths
+    (padded) and packed, with an eval split (which keeps TRL's path)."""
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"input_ids": list(range(10 + i, 10 + i + 10 + (i * 23) % 50))}
+                                                 for i in range(48)])
+    runs = {}
+    for fused in (True, False):
+        recipe = recipe_for(tmp_path, tiny_llama, rows, out=f"fused-{fused}",
+                            data={"train": str(rows), "eval": 0.25},
+                            training={"max_steps": 5, "learning_rate": 1e-2, "gradient_checkpointing": True,
+                                      "packing": packing, "max_length": 64, "eval_strategy": "steps", "eval_steps": 5},
+                            quantization={"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+                            speed={"fused_loss": fused})
+        train(recipe)
+        assert f"fused_loss={'on' if fused else 'off'}" in capsys.readouterr().out
+        out = tmp_path / f"fused-{fused}"
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [m for m in metrics if "loss" in m]
+        runs[fused] = (steps, [m["eval_loss"] for m in metrics if "eval_loss" in m],
+                       load_file(out / "adapter_model.safetensors"))
+    (fused_steps, fused_eval, fused_adapter), (trl_steps, trl_eval, trl_adapter) = runs[True], runs[False]
+    assert len(fused_steps) == len(trl_steps) == 5
+    for ours, theirs in zip(fused_steps, trl_steps):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=2e-3)
+        assert ours["mean_token_accuracy"] == pytest.approx(theirs["mean_token_accuracy"], abs=0.05)
+        assert ours["num_tokens"] == theirs["num_tokens"]
+    assert fused_eval == pytest.approx(trl_eval, rel=2e-3)
+    change = max(v.abs().max().item() for k, v in trl_adapter.items() if "lora_B" in k)
+    assert max((fused_adapter[k] - trl_adapter[k]).abs().max().item() for k in trl_adapter) < 2e-2 * change
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize(("dropout", "packing"), [(0.0, False), (0.1, False), (0.0, True)],
                          ids=["no-dropout", "dropout", "packed"])

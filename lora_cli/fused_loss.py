@@ -1,0 +1,97 @@
+"""The LM head and loss of a training step through Liger's fused linear cross-entropy (`speed.fused_loss`).
+
+Why: TRL 1.16's SFTTrainer scores tokens with its own fused LM head (trl.kernels.chunked_logprob): the backward
+recomputes the logits, so the LM head's weight goes through three matmuls, Triton kernels fold each logits tile
+into log-probabilities and entropy, and the step reads values back from the GPU several times (which positions
+have a label, the entropy and accuracy metrics, the token count), each a sync that leaves the GPU idle while Python
+catches up. On an H100 (Llama-3.1-8B shape, QLoRA, 4,096 tokens a step; `BENCH_PROFILE=cuda BENCH_TRACE_DIR=...
+python benchmarks/speed.py --modes qlora`, record `benchmarks/results/2026-11-23-h100-profile-lm-head.txt`) that
+took 35 ms of GPU work and left the GPU idle about 6 ms of a 350 ms step. Liger's fused linear cross-entropy
+computes the loss and its gradient in the forward pass, two matmuls over row chunks of the full vocabulary. TRL
+refuses Liger's version (it replaces the model's forward, which TRL patches itself), so this calls Liger's function
+from the trainer's compute_loss.
+
+How: compute_loss runs the decoder (the PEFT-wrapped backbone, under the accelerator's autocast), shifts the labels
+as TRL's fused head does, and divides Liger's summed loss by the token count TRL divides by. Token accuracy (Liger
+computes it in the same kernel) and the token count stay on the GPU until a step logs. Entropy is not logged.
+Used on one GPU (DDP and FSDP wrap the model's forward, which this bypasses), for the plain NLL loss of an LM head
+without bias, scaling or soft-capping; anything else goes through TRL's own compute_loss. tests/test_train.py
+checks that it trains TRL's adapter.
+"""
+
+import types
+
+import torch
+
+# Liger bounds the logits it materializes at once to chunk_mem_const x (tokens x hidden size): 8 keeps a chunk of
+# 1,024 rows for the Llama-3 vocabulary (256 MB in bf16), matmuls cuBLAS runs at full speed.
+CHUNK_MEM_CONST = 8
+# Configs that scale or cap the logits before the loss (TRL's fused head reads the same ones).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def liger_loss_function():
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyFunction
+
+
+def fused_loss_supported(trainer) -> bool:
+    """Whether this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly."""
+    args = trainer.args
+    if not torch.cuda.is_available() or liger_loss_function() is None or args.world_size > 1:
+        return False
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or getattr(trainer, "aux_loss_enabled", False):
+        return False
+    if args.loss_type != "nll" or trainer.compute_loss_func is not None or trainer.label_smoother is not None:
+        return False
+    causal_lm = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    head = causal_lm.get_output_embeddings()
+    config = causal_lm.config.get_text_config()
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+            and not any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS))
+
+
+def use_fused_loss(trainer) -> None:
+    """Route the trainer's training loss through Liger's function (see fused_loss_supported first)."""
+    trainer.trl_compute_loss, trainer.trl_log = trainer.compute_loss, trainer.log
+    trainer.compute_loss = types.MethodType(compute_loss, trainer)
+    trainer.log = types.MethodType(log, trainer)
+
+
+def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    if return_outputs or not model.training:
+        return self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_inputs = {name: value for name, value in inputs.items() if name not in ("labels", "shift_labels")}
+    with self.accelerator.autocast():
+        hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
+    labels = inputs.get("shift_labels")
+    if labels is None:  # as TRL's fused head: position t predicts label t + 1
+        hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
+    weight = causal_lm.get_output_embeddings().weight
+    with self.accelerator.autocast():
+        loss_sum, _, accuracy, _ = liger_loss_function().apply(
+            hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), None, None, -100, 0.0, 0.0, "sum",
+            None, False, None, False, True, False, None, None, CHUNK_MEM_CONST)
+    counted = labels != -100
+    num_tokens = counted.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
+    metrics = self._metrics["train"]
+    metrics["mean_token_accuracy"].append(accuracy.detach())
+    if "attention_mask" in inputs:
+        self._total_train_tokens = self._total_train_tokens + inputs["attention_mask"].sum()
+    else:
+        self._total_train_tokens = self._total_train_tokens + inputs["position_ids"].size(1)
+    metrics["num_tokens"] = [self._total_train_tokens]
+    return loss
+
+
+def log(self, logs, start_time=None):
+    """TRL's log, once the metrics kept on the GPU are read back (a sync only on the steps that log)."""
+    for values in self._metrics["train"].values():
+        values[:] = [value.item() if isinstance(value, torch.Tensor) else value for value in values]
+    return self.trl_log(logs, start_time)
