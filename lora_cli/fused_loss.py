@@ -91,7 +91,9 @@ def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=N
 
 
 def log(self, logs, start_time=None):
-    """TRL's log, once the metrics kept on the GPU are read back (a sync only on the steps that log)."""
-    for values in self._metrics["train"].values():
-        values[:] = [value.item() if isinstance(value, torch.Tensor) else value for value in values]
+    """TRL's log, once the metrics kept on the GPU are read back (a sync only on the steps that log). TRL's eval
+    metrics get the running token count too."""
+    for metrics in self._metrics.values():
+        for values in metrics.values():
+            values[:] = [value.item() if isinstance(value, torch.Tensor) else value for value in values]
     return self.trl_log(logs, start_time)
