@@ -428,7 +428,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
 
     offloader = HostOffloader()
     pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
-    eager_stream = torch.cuda.Stream() if pool else None  # offloaded_attention.AttentionSaver._eager_stream
+    accumulate_stream = torch.cuda.Stream() if pool else None  # offloaded_attention.install_saver says why
 
     def checkpoint_with(graphs, saver):
         def checkpoint(run, hidden_states, *args, **kwargs):
@@ -439,7 +439,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     count = 0
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            saver = install_saver(module, offloader.stream, offload_attention, eager_stream)
+            saver = install_saver(module, offloader.stream, offload_attention, accumulate_stream)
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool, saver) if pool else None,
                                                                   saver)
             mark_unread_in_recompute(module, lean)

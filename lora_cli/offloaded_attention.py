@@ -22,7 +22,6 @@ against recomputation.
 """
 
 import collections
-import contextlib
 
 import torch
 
@@ -86,7 +85,6 @@ class SavedForward:
         self.fresh = False  # set by a forward that ran in Python (not a graph replay)
         self.frozen = False  # a CUDA graph has the host buffers' addresses: they stay
         self.graph = None  # (end of the saved graph, anchor) from that forward, until its backward
-        self.graph_stream = None  # the stream that forward ran on, where the graph's backward runs
         self.pending: list[torch.Tensor] = []  # device storages being copied out
         self.output = None  # the output back on the device, for the rerun
         self.fetched = None  # (bytes, ready event) of the output brought back ahead
@@ -127,7 +125,6 @@ class SavedForward:
         self.output_host = self._copy_out(None, output.untyped_storage())
         self.output_layout = (output.dtype, output.size(), output.stride(), output.storage_offset())
         self.graph, self.fresh = (end, anchor), True
-        self.graph_stream = torch.cuda.current_stream() if self.stream is not None else None
         return (output, *outputs[1:])
 
     def _copy_out(self, index, storage) -> torch.Tensor:
@@ -215,8 +212,6 @@ class SavedForward:
         (end, _), self.graph = self.graph, None
         self.output_grad = grad
         torch.autograd.backward(end, end.new_empty(0))  # the adapters' gradients accumulate as usual
-        if self.graph_stream is not None:  # it ran on the forward's stream (AttentionSaver._eager_stream)
-            torch.cuda.current_stream().wait_stream(self.graph_stream)
         self._wait_loaded()  # joins the side stream even when nothing was read from it
         grad_input = self.input_grad
         self.loaded, self.replay_input, self.input_grad, self.output_grad, self.output = [], None, None, None, None
@@ -269,14 +264,14 @@ class AttentionSaver:
     GB of host memory each time (measured: packed QLoRA fell from 97% to 64% of the fixed-length rate). Sharing is
     safe: a layer has one forward at a time waiting for its backward."""
 
-    def __init__(self, stream, eager_stream=None):
+    def __init__(self, stream):
         self.stream = stream
-        self.eager_stream = eager_stream  # with CUDA graphs: where forwards outside a capture run (see save)
         self.forwards: collections.OrderedDict = collections.OrderedDict()
         self.captured: set = set()  # signatures whose forward a CUDA graph captured: kept
         self.buffers: dict = {}  # (place, bytes) -> pinned host buffer
         self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
         self.replaying: SavedForward | None = None  # the saved forward the rerun replays
+        self.accumulators: list = []  # the adapters' AccumulateGrad nodes, held (install_saver says why)
 
     def begin(self, key) -> None:
         self.key = key
@@ -314,8 +309,7 @@ class AttentionSaver:
             self._evict()
         self.forwards.move_to_end(key)
         try:
-            with self._eager_stream(capturing):
-                outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
+            outputs = saved.run(forward, hidden, args, kwargs, _storages((args, kwargs), set()))
         except Unsupported:
             if capturing:
                 raise  # the capture fails, and the run goes on without graphs
@@ -326,26 +320,6 @@ class AttentionSaver:
             self.captured.add(key)
             saved.frozen = True
         return outputs
-
-    @contextlib.contextmanager
-    def _eager_stream(self, capturing: bool):
-        """A forward outside a capture runs on a side stream, as PyTorch's CUDA graphs notes have warm-up runs do.
-
-        Why: an autograd node runs its backward on the stream its forward ran on, and a parameter's AccumulateGrad
-        node, made the first time the parameter enters a graph, can outlive that graph and be reused by later ones.
-        The adapters' nodes made in an eager forward on the default (legacy) stream were still alive when a
-        backward capture reached them (`lora train`, H100), and CUDA refuses to let the legacy stream wait for a
-        capture: the capture failed. A side stream may join a capture, and the autograd engine joins it back."""
-        if capturing or self.eager_stream is None:
-            yield
-            return
-        compute = torch.cuda.current_stream()
-        self.eager_stream.wait_stream(compute)
-        try:
-            with torch.cuda.stream(self.eager_stream):
-                yield
-        finally:
-            compute.wait_stream(self.eager_stream)
 
     def host_buffer(self, place, count: int) -> torch.Tensor:
         """The pinned buffer for the place-th saved storage (None: the output) of count bytes."""
@@ -400,9 +374,15 @@ def offloadable_attentions(model) -> int:
                if isinstance(module, GradientCheckpointingLayer))
 
 
-def install_saver(layer, stream, enabled: bool, eager_stream=None) -> AttentionSaver | None:
+def install_saver(layer, stream, enabled: bool, accumulate_stream=None) -> AttentionSaver | None:
     """Give the layer's attention a fresh saver, or take it away; returns it (None where not offloaded).
-    eager_stream: with CUDA graphs, the side stream for forwards outside a capture (AttentionSaver._eager_stream)."""
+
+    accumulate_stream (with CUDA graphs): a side stream the adapters' gradients are added on. An autograd node runs
+    its backward on the stream it was made on, and a parameter's AccumulateGrad node, made when the parameter first
+    enters a graph, is reused by later graphs while it lives. Those of the attention's adapters, made by the eager
+    first step on the default (legacy) stream, lived on into the step whose backward was captured (`lora train`,
+    tiny Llama, H100), and CUDA refuses to let the legacy stream wait for a capture: the capture failed. So they
+    are made here on a side stream, which may join a capture (the autograd engine joins it back), and held."""
     import types
 
     attention = attention_of(layer)
@@ -411,5 +391,9 @@ def install_saver(layer, stream, enabled: bool, eager_stream=None) -> AttentionS
     if not hasattr(attention, "unsaved_forward"):
         attention.unsaved_forward = attention.forward
         attention.forward = types.MethodType(offloaded_attention_forward, attention)
-    attention.attention_saver = AttentionSaver(stream, eager_stream) if enabled else None
+    attention.attention_saver = AttentionSaver(stream) if enabled else None
+    if enabled and accumulate_stream is not None:
+        with torch.cuda.stream(accumulate_stream), torch.enable_grad():
+            attention.attention_saver.accumulators = [p.view_as(p).grad_fn.next_functions[0][0]
+                                                      for p in attention.parameters() if p.requires_grad]
     return attention.attention_saver
