@@ -1,8 +1,8 @@
 """Speed and memory defaults on GPUs: the measured levers that pay, each with a recipe key to turn it off.
 
 Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's performance table).
-- use_liger_kernel: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) where Liger
-  supports the architecture. Off: `training.use_liger_kernel: false`.
+- use_liger_kernel: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU; TRL keeps its fused linear cross-entropy out,
+  fused_loss.py calls it) where Liger supports the architecture. Off: `training.use_liger_kernel: false`.
 - gradient_checkpointing, from the memory plan of `lora inspect-params` and the GPU's memory: bf16 LoRA turns
   recomputation off when the step fits without it (it costs about a third of the step). QLoRA keeps it on
   (whoever quantizes has chosen memory over speed). The recipe decides instead with `training.gradient_checkpointing`.
