@@ -14,7 +14,7 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, lora_trlloss, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
