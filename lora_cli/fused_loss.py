@@ -63,25 +63,24 @@ def use_fused_loss(trainer) -> None:
 
 
 def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """SFTTrainer.compute_loss for a training step: TRL's loss and metrics, computed as its fused LM head path does
+    (same inputs to the backbone, same label shift, same divisor)."""
     if return_outputs or not model.training:
         return self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     model_inputs = {name: value for name, value in inputs.items() if name not in ("labels", "shift_labels")}
+    labels = inputs.get("shift_labels")
     with self.accelerator.autocast():
         hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
-    labels = inputs.get("shift_labels")
-    if labels is None:  # as TRL's fused head: position t predicts label t + 1
-        hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
-    weight = causal_lm.get_output_embeddings().weight
-    with self.accelerator.autocast():
+        if labels is None:  # position t predicts label t + 1
+            hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
         loss_sum, _, accuracy, _ = liger_loss_function().apply(
-            hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), None, None, -100, 0.0, 0.0, "sum",
-            None, False, None, False, True, False, None, None, CHUNK_MEM_CONST)
-    counted = labels != -100
-    num_tokens = counted.sum() if num_items_in_batch is None else num_items_in_batch
+            hidden.reshape(-1, hidden.size(-1)), causal_lm.get_output_embeddings().weight, labels.reshape(-1),
+            None, None, -100, 0.0, 0.0, "sum", None, False, None, False, True, False, None, None, CHUNK_MEM_CONST)
+    num_tokens = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
     loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
     metrics = self._metrics["train"]
-    metrics["mean_token_accuracy"].append(accuracy.detach())
+    metrics["mean_token_accuracy"].append(torch.nan_to_num(accuracy.detach()))  # 0, as TRL's, without labels
     if "attention_mask" in inputs:
         self._total_train_tokens = self._total_train_tokens + inputs["attention_mask"].sum()
     else:

@@ -58,9 +58,11 @@ def test_lora_run_writes_a_complete_loadable_output(tmp_path, tiny_llama, chats)
     assert any("eval_loss" in m for m in metrics)
     assert "tiny-llama" in (out / "README.md").read_text() or str(tiny_llama) in (out / "README.md").read_text()
 
-    # Plain PEFT loads it, and the trained adapter changes the model's output.
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    ids = torch.tensor([[1, 42, 99, 7, 1000]])
+    # Plain PEFT loads it, and the trained adapter changes the model's output. On the device that trained: a GPU run
+    # leaves Liger's kernels patched into transformers' Llama classes for the rest of the process (README, Tests).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).to(device)
+    ids = torch.tensor([[1, 42, 99, 7, 1000]], device=device)
     with torch.no_grad():
         before = base(ids).logits
         adapted = PeftModel.from_pretrained(base, out)(ids).logits
