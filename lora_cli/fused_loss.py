@@ -48,11 +48,16 @@ def fused_loss_supported(trainer) -> bool:
         return False
     if args.loss_type != "nll" or trainer.compute_loss_func is not None or trainer.label_smoother is not None:
         return False
-    causal_lm = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    causal_lm = causal_lm_of(trainer.model)
     head = causal_lm.get_output_embeddings()
     config = causal_lm.config.get_text_config()
     return (isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
             and not any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS))
+
+
+def causal_lm_of(model):
+    """The transformers model inside PEFT's wrapper (the model itself without adapters)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def use_fused_loss(trainer) -> None:
@@ -67,7 +72,7 @@ def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=N
     (same inputs to the backbone, same label shift, same divisor)."""
     if return_outputs or not model.training:
         return self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     model_inputs = {name: value for name, value in inputs.items() if name not in ("labels", "shift_labels")}
     labels = inputs.get("shift_labels")
     with self.accelerator.autocast():

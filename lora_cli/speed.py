@@ -19,7 +19,7 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`) on one GPU, when the memory plan leaves
   room for their memory pool; packed batches are padded to one shape for them (kernels.FixedShapePackedBatches).
 - the fused loss (fused_loss.py, `speed.fused_loss`): on one GPU, the LM head and loss through Liger's fused linear
-  cross-entropy instead of TRL's fused LM head (two matmuls instead of three, no syncs a step).
+  cross-entropy instead of TRL's fused LM head (two matmuls instead of three, fewer syncs a step).
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
 per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
