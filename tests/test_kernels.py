@@ -101,6 +101,26 @@ def test_fused_mlp_matches_fused_layers(tiny_llama, device, quantized, dropout):
     assert_same(reference, loss_and_grads(model, device), 1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_fused_mlp_keeps_no_swiglu_output_without_down_dropout(tiny_llama, dropout):
+    """Without dropout on down_proj's adapter, the whole MLP is one function that saves no SwiGLU output (its
+    backward rebuilds it); with dropout, down_proj stays a fused layer, which saves it."""
+    model = peft_model(tiny_llama, "cpu", dropout=dropout)
+    fuse_lora_layers(model)
+    fuse_gated_mlps(model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
+    out = mlp(x)
+    full_width = [t for t in out.grad_fn.saved_tensors
+                  if t.is_floating_point() and t.shape == (10, model.config.intermediate_size)]
+    if dropout == 0:
+        assert type(out.grad_fn).__name__ == "LoraSwiGLUMLPBackward"
+        assert len(full_width) == 2  # gate's and up's outputs, no h
+    else:
+        assert type(out.grad_fn).__name__ == "LoraLinearBackward"
+        assert len(full_width) == 1  # down_proj's input, h
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_mlp_under_bf16_autocast(tiny_llama, device):
     """In bf16 the fused MLP rounds once where the separate layers round each term: close, not equal."""
@@ -179,8 +199,9 @@ def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
 def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, device, quantized, dropout, fused_mlp,
                                                                 monkeypatch):
     """The rerun without down_proj's matmul gives the same loss and gradients, the whole step does exactly one
-    down_proj forward matmul and weight dequantization fewer per layer (counted by torch's FLOP counter and at
-    kernels.base_weight), with the fused MLP too."""
+    down_proj forward matmul and weight dequantization fewer per layer (counted by torch's FLOP counter, matrix
+    products only: with down_proj inside the fused MLP the lean rerun also skips SwiGLU, whose rank-r adapter
+    products run as addmm on a CPU, and at kernels.base_weight), with the fused MLP too."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lora_cli import fused_mlp as fused_mlp_module
@@ -198,7 +219,7 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
         weights_made.clear()
         with FlopCounterMode(display=False) as counter:
             runs[lean] = loss_and_grads(model, device)
-        runs[lean] += (counter.get_total_flops(), len(weights_made))
+        runs[lean] += (counter.get_flop_counts()["Global"][torch.ops.aten.mm], len(weights_made))
     (*full, full_flops, full_weights), (*lean, lean_flops, lean_weights) = runs[False], runs[True]
     assert_same(full, lean, 0.0)
     config = model.config
