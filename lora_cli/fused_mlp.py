@@ -240,8 +240,7 @@ def fused_mlp_forward(self, x):
     if (adapter is None or adapter != active_fused_adapter(up)
             or gate.lora_A[adapter].weight.shape != up.lora_A[adapter].weight.shape):
         return self.unfused_forward(x)
-    adapters = [layer.lora_A[adapter].weight for layer in (gate, up)] + [layer.lora_B[adapter].weight for layer in (gate, up)]
-    a_gate, a_up, b_gate, b_up = adapters
+    a_gate, a_up, b_gate, b_up = [getattr(layer, f"lora_{part}")[adapter].weight for part in "AB" for layer in (gate, up)]
     scales, dropouts = (gate.scaling[adapter], up.scaling[adapter]), (gate.fused_adapters[adapter],
                                                                      up.fused_adapters[adapter])
     if down_inside(self, adapter):

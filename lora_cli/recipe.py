@@ -88,7 +88,7 @@ class SpeedSection:
     """lora's own GPU speed levers (lora_cli/kernels.py); the libraries' levers are training keys."""
 
     fused_lora: bool = True  # one autograd function per LoRA layer instead of PEFT's chain of kernels
-    fused_mlp: bool = True  # with fused_lora: gate, up, their adapters and SwiGLU in one function (Llama-style MLPs)
+    fused_mlp: bool = True  # with fused_lora: gate, up, SwiGLU (down too), their adapters in one function
     offload_activations: bool = True  # checkpointed layer inputs in host memory, copied on a side stream
     varlen_attention: bool = True  # packed rows (training.packing) through varlen flash attention, not masked SDPA
     cuda_graphs: bool = True  # checkpointed decoder layers replayed as CUDA graphs (fixed-shape rows, one GPU)

@@ -9,8 +9,8 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - lora's own kernels (kernels.py): fused LoRA layers (`speed.fused_lora`), checkpointed layer inputs offloaded
   to host memory on a side stream (`speed.offload_activations`), and packed rows through varlen flash attention
   (`speed.varlen_attention`, with `training.packing`).
-- fused gated MLPs (fused_mlp.py, `speed.fused_mlp`): gate and up projections, their adapters and SwiGLU in one
-  function, the adapters' products added inside the SwiGLU kernel.
+- fused gated MLPs (fused_mlp.py, `speed.fused_mlp`): gate and up projections, their adapters and SwiGLU (and
+  down_proj, when its adapter has no dropout) in one function, the adapters' products added inside the SwiGLU kernel.
 - lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
   of a Llama-style layer skips its last projection, whose output no backward reads.
 - offloaded attention (offloaded_attention.py, `speed.offload_attention`): with offloaded checkpointing and fused
