@@ -22,8 +22,8 @@ import types
 
 import torch
 
-from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, Recomputation, active_fused_adapter, add_adapter_input_grad,
-                              base_weight, compute_dtype, dropped_input, scaled_as, triton_available)
+from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, active_fused_adapter, add_adapter_input_grad, base_weight,
+                              compute_dtype, dropped_input, output_is_read, scaled_as, triton_available)
 
 
 class LoraGatedMLP(torch.autograd.Function):
@@ -240,14 +240,14 @@ def fused_mlp_forward(self, x):
     if (adapter is None or adapter != active_fused_adapter(up)
             or gate.lora_A[adapter].weight.shape != up.lora_A[adapter].weight.shape):
         return self.unfused_forward(x)
-    a_gate, a_up, b_gate, b_up = [getattr(layer, f"lora_{part}")[adapter].weight for part in "AB" for layer in (gate, up)]
+    a_gate, b_gate = gate.lora_A[adapter].weight, gate.lora_B[adapter].weight
+    a_up, b_up = up.lora_A[adapter].weight, up.lora_B[adapter].weight
     scales, dropouts = (gate.scaling[adapter], up.scaling[adapter]), (gate.fused_adapters[adapter],
                                                                      up.fused_adapters[adapter])
     if down_inside(self, adapter):
-        output_read = not (Recomputation.active and getattr(down, "unread_in_recompute", False))
         return LoraSwiGLUMLP.apply(x, gate.fused_base, up.fused_base, down.fused_base, a_gate, b_gate, a_up, b_up,
                                    down.lora_A[adapter].weight, down.lora_B[adapter].weight,
-                                   (*scales, down.scaling[adapter]), dropouts, output_read)
+                                   (*scales, down.scaling[adapter]), dropouts, output_is_read(down))
     hidden = LoraGatedMLP.apply(x, gate.fused_base, up.fused_base, a_gate, b_gate, a_up, b_up, scales, dropouts)
     return down(hidden)
 

@@ -195,9 +195,8 @@ def fused_forward(self, x, *args, **kwargs):
     if args or kwargs or adapter is None:
         return self.peft_forward(x, *args, **kwargs)
     base = self.fused_base
-    output_read = not (Recomputation.active and getattr(self, "unread_in_recompute", False))
     return LoraLinear.apply(x, base, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                            self.scaling[adapter], self.fused_adapters[adapter], output_read)
+                            self.scaling[adapter], self.fused_adapters[adapter], output_is_read(self))
 
 
 def fusable(layer, base, adapter) -> bool:
@@ -349,6 +348,11 @@ LLAMA_STYLE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 def lean_recompute_supported(model) -> bool:
     return model.config.model_type in LLAMA_STYLE_MODEL_TYPES
+
+
+def output_is_read(layer) -> bool:
+    """Whether anything reads the layer's output in this call: not in a lean rerun of a layer marked unread."""
+    return not (Recomputation.active and getattr(layer, "unread_in_recompute", False))
 
 
 def mark_unread_in_recompute(layer, lean: bool) -> None:
