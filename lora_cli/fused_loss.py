@@ -1,22 +1,28 @@
-"""The LM head and loss of a training step through Liger's fused linear cross-entropy (`speed.fused_loss`).
+"""The LM head and loss of a training step through Liger's cross-entropy kernel, chunked (`speed.fused_loss`).
 
 Why: TRL 1.16's SFTTrainer scores tokens with its own fused LM head (trl.kernels.chunked_logprob): the backward
 recomputes the logits, so the LM head's weight goes through three matmuls, and the step reads values back from the
 GPU several times (which positions have a label, the entropy and accuracy metrics, the token count), each a sync
 that leaves the GPU idle while Python catches up. Liger's fused linear cross-entropy computes the loss and its
-gradient in the forward pass, two matmuls over row chunks of the full vocabulary, with two syncs. TRL refuses
-Liger's version (it replaces the model's forward, which TRL patches itself), so this calls Liger's function from
-the trainer's compute_loss. On an H100 (Llama-3.1-8B shape, QLoRA, 4,096 tokens a step; GPU traces
-`benchmarks/results/2026-11-23-h100-trace-qlora-{trl,fused}-loss.json.gz`, read with benchmarks/trace_timeline.py)
-the LM head's matmuls went from 17.0 to 11.3 ms a step and the GPU's idle time between forward and backward from
-about 6 to 2 ms; the step ran 2.2% and 3.5% faster in two runs (`--modes qlora,qlora_trlloss`).
+gradient in the forward pass, two matmuls over row chunks of the full vocabulary. On an H100 (Llama-3.1-8B shape,
+QLoRA, 4,096 tokens a step; GPU traces `benchmarks/results/2026-11-23-h100-trace-qlora-{trl,fused}-loss.json.gz`,
+read with benchmarks/trace_timeline.py) the LM head's matmuls went from 17.0 to 11.3 ms a step and the step ran
+2.2% and 3.5% faster in two runs (`--modes qlora,qlora_trlloss`). TRL refuses Liger's model patch (it replaces the
+model's forward, which TRL patches itself), so this runs from the trainer's compute_loss.
+
+Liger's function itself still syncs twice a step: its forward reads the label count back (`.item()`, for a mean
+this loss does not take) and its backward compares the incoming gradient with 1.0 (`torch.equal`). In the session-9
+GPU trace (2026-11-23-h100-trace-qlora-session9.json.gz) the GPU idled 0.6 ms before the loss and 2.4 ms between
+the loss and the first layer's backward while the host caught up. So `LinearCrossEntropy` below runs Liger's chunk
+loop for this one case (summed loss, frozen LM head without bias, no label smoothing or soft-capping) with its
+cross-entropy kernel and no read-back.
 
 How: compute_loss runs the decoder (the PEFT-wrapped backbone, under the accelerator's autocast), shifts the labels
-as TRL's fused head does, and divides Liger's summed loss by the token count TRL divides by. Token accuracy (Liger
-computes it in the same kernel) and the token count stay on the GPU until a step logs. Entropy is not logged.
+as TRL's fused head does, and divides the summed loss by the token count TRL divides by. Token accuracy (the same
+kernel computes it) and the token count stay on the GPU until a step logs. Entropy is not logged.
 Used on one GPU (DDP and FSDP wrap the model's forward, which this bypasses), for the plain NLL loss of an LM head
 without bias, scaling or soft-capping; anything else goes through TRL's own compute_loss. tests/test_train.py
-checks that it trains TRL's adapter.
+checks that it trains TRL's adapter, tests/test_kernels.py the loss and gradient against torch's.
 """
 
 import types
@@ -26,23 +32,75 @@ import torch
 # Liger bounds the logits it materializes at once to chunk_mem_const x (tokens x hidden size): 8 keeps a chunk of
 # 1,024 rows for the Llama-3 vocabulary (256 MB in bf16), matmuls cuBLAS runs at full speed.
 CHUNK_MEM_CONST = 8
+LIGER_MAX_BLOCK = 32768  # the widest block Liger's fused linear cross-entropy gives its kernel on a GPU
 # Configs that scale or cap the logits before the loss (TRL's fused head reads the same ones).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
 
 
-def liger_loss_function():
+# The arguments LinearCrossEntropy gives Liger's kernel (liger_kernel.ops.cross_entropy, 0.8): a release that
+# renames them leaves the loss to TRL's path instead of failing mid-run.
+KERNEL_ARGUMENTS = {
+    "X_stride": None, "Y_stride": None, "weight_ptr": None, "z_loss_ptr": None, "loss_stride": 1,
+    "token_accuracy_stride": 1, "predicted_tokens_ptr": None, "predicted_tokens_stride": 0,
+    "n_non_ignore": 1, "sum_non_ignore_weight": 1.0, "weight_sum": 0.0,  # read for a mean or class weights only
+    "ignore_index": -100, "lse_square_scale": 0.0, "label_smoothing": 0.0, "reduction": "sum", "softcap": None,
+    "RETURN_Z_LOSS": False, "RETURN_TOKEN_ACCURACY": True, "RETURN_PREDICTED_TOKENS": False, "HAS_WEIGHT": False,
+    "HAS_SOFTCAPPING": False, "HAS_GRADIENTS": True}
+
+
+def liger_cross_entropy_kernel():
     try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel as kernel
     except ImportError:
         return None
-    return LigerFusedLinearCrossEntropyFunction
+    names = set(getattr(kernel, "arg_names", ()))
+    return kernel if set(KERNEL_ARGUMENTS) | {"X_ptr", "Y_ptr", "loss_ptr", "n_cols", "BLOCK_SIZE"} <= names else None
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight^T against labels (-100: no label) and the count of labels predicted
+    right. The gradient at hidden is computed in the forward pass, chunk by chunk, as Liger's function does: the
+    kernel writes the gradient at each chunk's logits over them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        import triton
+
+        rows, width = hidden.shape
+        vocab = weight.shape[0]
+        weight = weight.to(hidden.dtype)
+        # Liger's chunk: logits of at most CHUNK_MEM_CONST x (rows x hidden size) values at once.
+        chunks = triton.cdiv(vocab, CHUNK_MEM_CONST * width)
+        chunk = min(rows, triton.next_power_of_2(triton.cdiv(rows, chunks)))
+        logits = hidden.new_empty(chunk, vocab)
+        losses = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        right = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        kernel = liger_cross_entropy_kernel()
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            part = logits[: end - start]
+            torch.mm(hidden[start:end], weight.t(), out=part)
+            kernel[(end - start,)](
+                X_ptr=part, Y_ptr=labels[start:end], loss_ptr=losses[start:end], token_accuracy_ptr=right[start:end],
+                n_cols=vocab, BLOCK_SIZE=min(LIGER_MAX_BLOCK, triton.next_power_of_2(vocab)), num_warps=32,
+                **{**KERNEL_ARGUMENTS, "X_stride": part.stride(0), "Y_stride": labels.stride(0)})
+            torch.mm(part, weight, out=grad_hidden[start:end])
+        ctx.save_for_backward(grad_hidden)
+        ctx.mark_non_differentiable(right)
+        return losses.sum(), right.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), None, None
 
 
 def fused_loss_supported(trainer) -> bool:
     """Whether this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly."""
     args = trainer.args
-    if not torch.cuda.is_available() or liger_loss_function() is None or args.world_size > 1:
+    if not torch.cuda.is_available() or liger_cross_entropy_kernel() is None or args.world_size > 1:
         return False
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or getattr(trainer, "aux_loss_enabled", False):
         return False
@@ -61,7 +119,7 @@ def causal_lm_of(model):
 
 
 def use_fused_loss(trainer) -> None:
-    """Route the trainer's training loss through Liger's function (see fused_loss_supported first)."""
+    """Route the trainer's training loss through LinearCrossEntropy (see fused_loss_supported first)."""
     trainer.trl_compute_loss, trainer.trl_log = trainer.compute_loss, trainer.log
     trainer.compute_loss = types.MethodType(compute_loss, trainer)
     trainer.log = types.MethodType(log, trainer)
@@ -77,15 +135,16 @@ def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=N
     labels = inputs.get("shift_labels")
     with self.accelerator.autocast():
         hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
-        if labels is None:  # position t predicts label t + 1
-            hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
-        loss_sum, _, accuracy, _ = liger_loss_function().apply(
-            hidden.reshape(-1, hidden.size(-1)), causal_lm.get_output_embeddings().weight, labels.reshape(-1),
-            None, None, -100, 0.0, 0.0, "sum", None, False, None, False, True, False, None, None, CHUNK_MEM_CONST)
-    num_tokens = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+    if labels is None:  # position t predicts label t + 1
+        hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
+    labels = labels.reshape(-1)
+    loss_sum, right = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.size(-1)),
+                                               causal_lm.get_output_embeddings().weight, labels)
+    labelled = (labels != -100).sum()
+    num_tokens = labelled if num_items_in_batch is None else num_items_in_batch
     loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
     metrics = self._metrics["train"]
-    metrics["mean_token_accuracy"].append(torch.nan_to_num(accuracy.detach()))  # 0, as TRL's, without labels
+    metrics["mean_token_accuracy"].append(right / labelled.clamp(min=1))  # 0, as TRL's, without labels
     if "attention_mask" in inputs:
         self._total_train_tokens = self._total_train_tokens + inputs["attention_mask"].sum()
     else:

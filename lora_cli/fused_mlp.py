@@ -22,8 +22,8 @@ import types
 
 import torch
 
-from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, active_fused_adapter, add_adapter_input_grad, base_weight,
-                              compute_dtype, dropped_input, output_is_read, scaled_as, triton_available)
+from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, Recomputation, active_fused_adapter, add_adapter_input_grad,
+                              base_weight, compute_dtype, dropped_input, output_is_read, scaled_as, triton_available)
 
 
 class LoraGatedMLP(torch.autograd.Function):
@@ -33,9 +33,9 @@ class LoraGatedMLP(torch.autograd.Function):
     def forward(ctx, x, gate, up, a_gate, b_gate, a_up, b_up, scales, dropouts):
         rows, adapters = compute_inputs(x, (a_gate, b_gate, a_up, b_up))
         with torch.autocast(rows.device.type, enabled=False):
-            gate_out, up_out, p_gate, p_up, masks = gate_and_up(rows, gate, up, adapters, dropouts)
+            gate_out, up_out, p_gate, p_up, masks, weights = gate_and_up(rows, gate, up, adapters, dropouts)
             hidden = gated(gate_out, up_out, p_gate, adapters[1], p_up, adapters[3], scales)
-        keep_for_gate_and_up(ctx, x, (gate, up), scales, dropouts, (a_gate, b_gate, a_up, b_up))
+        keep_for_gate_and_up(ctx, x, (gate, up), scales, dropouts, (a_gate, b_gate, a_up, b_up), weights)
         ctx.save_for_backward(rows, *masks_or_empty(masks), p_gate, p_up, *adapters, gate_out, up_out)
         return hidden.view(*x.shape[:-1], hidden.shape[-1])
 
@@ -67,7 +67,7 @@ class LoraSwiGLUMLP(torch.autograd.Function):
                 output_read: bool = True):
         rows, adapters = compute_inputs(x, (a_gate, b_gate, a_up, b_up, a_down, b_down))
         with torch.autocast(rows.device.type, enabled=False):
-            gate_out, up_out, p_gate, p_up, masks = gate_and_up(rows, gate, up, adapters[:4], dropouts)
+            gate_out, up_out, p_gate, p_up, masks, weights = gate_and_up(rows, gate, up, adapters[:4], dropouts)
             if output_read:
                 hidden = gated(gate_out, up_out, p_gate, adapters[1], p_up, adapters[3], scales[:2])
                 p_down = hidden @ adapters[4].t()
@@ -76,7 +76,7 @@ class LoraSwiGLUMLP(torch.autograd.Function):
             else:  # lean recomputation: nothing reads the output, and the backward rebuilds h
                 p_down = rows.new_empty(0)
                 out = rows.new_empty(rows.shape[0], down.out_features)
-        keep_for_gate_and_up(ctx, x, (gate, up), scales[:2], dropouts, (a_gate, b_gate, a_up, b_up))
+        keep_for_gate_and_up(ctx, x, (gate, up), scales[:2], dropouts, (a_gate, b_gate, a_up, b_up), weights)
         ctx.down, ctx.s_down, ctx.down_dtypes = down, scales[2], (a_down.dtype, b_down.dtype)
         ctx.save_for_backward(rows, *masks_or_empty(masks), p_gate, p_up, *adapters, gate_out, up_out, p_down)
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -109,9 +109,15 @@ def compute_inputs(x, adapter_weights):
 
 
 def gate_and_up(rows, gate, up, adapters, dropouts):
-    """Both projections without their adapters, the adapters' rank-r products, and the dropout masks."""
-    gate_out = torch.nn.functional.linear(rows, base_weight(gate, rows.dtype))
-    up_out = torch.nn.functional.linear(rows, base_weight(up, rows.dtype))
+    """Both projections without their adapters, the adapters' rank-r products, the dropout masks, and the
+    dequantized base weights when the backward is to reuse them (keeps_weights), else None."""
+    outputs, weights = [], [] if keeps_weights((gate, up)) else None
+    for base in (gate, up):
+        weight = base_weight(base, rows.dtype)
+        outputs.append(torch.nn.functional.linear(rows, weight))
+        if weights is not None:
+            weights.append(weight)
+    gate_out, up_out = outputs
     # Dropout masks drawn in PEFT's order (gate's, then up's), so a recomputation draws the same ones.
     dropped, masks = [], []
     for p in dropouts:
@@ -122,12 +128,29 @@ def gate_and_up(rows, gate, up, adapters, dropouts):
         p_gate, p_up = (rows @ torch.cat([adapters[0], adapters[2]]).t()).chunk(2, dim=1)
     else:
         p_gate, p_up = dropped[0] @ adapters[0].t(), dropped[1] @ adapters[2].t()
-    return gate_out, up_out, p_gate, p_up, masks
+    return gate_out, up_out, p_gate, p_up, masks, weights
 
 
-def keep_for_gate_and_up(ctx, x, bases, scales, dropouts, adapter_weights) -> None:
+def keeps_weights(bases) -> bool:
+    """Whether the backward reuses the dequantized 4-bit weights of gate and up: in a rerun, whose backward follows
+    at once (2 x 112 MiB held through one layer's backward for the Llama-3.1-8B shape, instead of dequantizing them
+    again: 0.12 ms a layer on an H100, BENCH_PROFILE=cuda python benchmarks/speed.py --modes qlora). A forward pass
+    outside a rerun would hold them for every layer until the backward."""
+    return Recomputation.active and any(getattr(base.weight, "quant_state", None) is not None for base in bases)
+
+
+def keep_for_gate_and_up(ctx, x, bases, scales, dropouts, adapter_weights, weights) -> None:
     ctx.bases, ctx.scales, ctx.dropouts, ctx.input_dtype, ctx.input_shape = bases, scales, dropouts, x.dtype, x.shape
     ctx.adapter_dtypes = [t.dtype for t in adapter_weights]
+    ctx.kept_weights = weights
+
+
+def base_weights_again(ctx, dtype):
+    """gate's, then up's base weight for the input's gradient: those the rerun kept, else dequantized again, one at
+    a time (each is let go once used)."""
+    kept, ctx.kept_weights = ctx.kept_weights, None
+    for base in ctx.bases:
+        yield kept.pop(0) if kept else base_weight(base, dtype)
 
 
 def gate_and_up_backward(ctx, rows, saved_masks, p_gate, p_up, adapters, grad_gate, grad_up):
@@ -144,9 +167,9 @@ def gate_and_up_backward(ctx, rows, saved_masks, p_gate, p_up, adapters, grad_ga
     grads[2] = scaled_as(grad_p_up.t() @ dropped[1], s_up, ctx.adapter_dtypes[2])
     grad_x = None
     if ctx.needs_input_grad[0]:
-        gate, up = ctx.bases
-        grad_x = grad_gate @ base_weight(gate, rows.dtype)
-        grad_x += grad_up @ base_weight(up, rows.dtype)  # apart: cuBLAS runs an accumulating matmul slower
+        weights = base_weights_again(ctx, rows.dtype)
+        grad_x = grad_gate @ next(weights)
+        grad_x += grad_up @ next(weights)  # apart: cuBLAS runs an accumulating matmul slower
         for grad_p, a, mask, scale, p in zip((grad_p_gate, grad_p_up), (a_gate, a_up), masks, ctx.scales,
                                              ctx.dropouts):
             add_adapter_input_grad(grad_x, grad_p, a, mask, scale, p)

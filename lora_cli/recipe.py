@@ -95,6 +95,7 @@ class SpeedSection:
     lean_recompute: bool = True  # the rerun of a checkpointed layer skips down_proj, whose output no backward reads
     offload_attention: bool = True  # with offload_activations: the attention's saved tensors wait in host memory too
     fused_loss: bool = True  # the LM head and loss through Liger's fused linear cross-entropy (one GPU)
+    offload_embeddings: bool = True  # QLoRA with checkpointing: the frozen input embedding waits in host memory
 
 
 @dataclass

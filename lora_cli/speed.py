@@ -72,7 +72,9 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     """SFTConfig values lora sets on a GPU unless the recipe sets them itself."""
     from lora_cli.inspect import memory_plan
 
-    defaults = {}
+    # Batches are copied to the GPU without waiting for the copy: a waiting copy drains the GPU's queue every step,
+    # which then idles while the host runs the step's first Python (transformers' mask, the rotary tables).
+    defaults = {"accelerator_config": {"non_blocking": True}}
     if liger_available() and model.config.model_type in LIGER_MODEL_TYPES:
         defaults["use_liger_kernel"] = True
     if recipe.lora.target_modules is None or "gradient_checkpointing" in training:
@@ -128,6 +130,7 @@ def use_own_kernels(trainer, recipe) -> str:
 
     from lora_cli.fused_loss import fused_loss_supported, use_fused_loss
     from lora_cli.fused_mlp import gated_mlps
+    from lora_cli.host_embedding import offloadable_embedding
     from lora_cli.kernels import (FixedShapePackedBatches, fuse_lora_layers, lean_recompute_supported,
                                   use_varlen_attention, varlen_available)
     from lora_cli.offloaded_attention import offloadable_attentions
@@ -157,11 +160,17 @@ def use_own_kernels(trainer, recipe) -> str:
     fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
     if fused_loss:
         use_fused_loss(trainer)
+    # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
+    embedding = (offloadable_embedding(trainer.model) if recipe.speed.offload_embeddings and offload and mlps
+                 and recipe.is_quantized and args.world_size == 1 and not trainer.is_deepspeed_enabled else None)
+    if embedding is not None:
+        trainer.add_callback(OffloadEmbedding(embedding))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
             f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
             f" offload_attention={'on' if attention else 'off'} ({attention})"
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
-            f" fused_loss={'on' if fused_loss else 'off'}")
+            f" fused_loss={'on' if fused_loss else 'off'}"
+            f" offload_embeddings={'on' if embedding is not None else 'off'}")
 
 
 def graphs_fit(peft_model, recipe, args) -> bool:
@@ -183,6 +192,23 @@ class FuseGatedMLPs(TrainerCallback):
         from lora_cli.fused_mlp import fuse_gated_mlps
 
         fuse_gated_mlps(model)
+
+
+class OffloadEmbedding(TrainerCallback):
+    """Keeps the input embedding in host memory from when training begins to when it ends (host_embedding.py)."""
+
+    def __init__(self, embedding):
+        self.embedding = embedding
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from lora_cli.host_embedding import offload_embedding
+
+        offload_embedding(self.embedding)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from lora_cli.host_embedding import restore_embedding
+
+        restore_embedding(self.embedding)
 
 
 class OffloadActivations(TrainerCallback):

@@ -14,11 +14,13 @@ from lora_cli.kernels import LoraLinear, fuse_lora_layers, offloaded_checkpointi
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, seed=0):
+def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, seed=0, untied=False):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = {"dtype": torch.float32, "device_map": {"": device}}
+    if untied:  # an LM head of its own (random), apart from the input embedding
+        kwargs["tie_word_embeddings"] = False
     if quantized:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -201,7 +203,8 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     """The rerun without down_proj's matmul gives the same loss and gradients, the whole step does exactly one
     down_proj forward matmul and weight dequantization fewer per layer (counted by torch's FLOP counter, matrix
     products only: with down_proj inside the fused MLP the lean rerun also skips SwiGLU, whose rank-r adapter
-    products run as addmm on a CPU, and at kernels.base_weight), with the fused MLP too."""
+    products run as addmm on a CPU, and at kernels.base_weight), with the fused MLP too (whose backward takes the
+    rerun's 4-bit gate and up weights as dequantized)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lora_cli import fused_mlp as fused_mlp_module
@@ -226,7 +229,9 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     tokens = 2 * 24  # loss_and_grads' batch
     down_proj = 2 * tokens * config.intermediate_size * config.hidden_size
     assert full_flops - lean_flops == config.num_hidden_layers * down_proj
-    assert full_weights == 3 * 7 * config.num_hidden_layers  # forward, rerun, backward
+    # forward, rerun, backward; the fused MLP's backward reuses the rerun's dequantized gate and up weights
+    kept = 2 if quantized and fused_mlp else 0
+    assert full_weights == (3 * 7 - kept) * config.num_hidden_layers
     assert full_weights - lean_weights == config.num_hidden_layers
 
 
@@ -345,3 +350,53 @@ def test_nf4_dequantization_is_bitsandbytes_exactly(nested, shape, dtype):
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
     state.dtype = dtype  # bitsandbytes' own output in that dtype
     assert torch.equal(dequantize_nf4(packed, state, dtype), bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's cross-entropy kernel runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_matches_torch(dtype):
+    """The fused loss's LM head and loss, over several chunks and with unlabelled rows: the summed loss, the count
+    of labels predicted right and the gradient at the hidden states are torch's."""
+    from lora_cli.fused_loss import LinearCrossEntropy, liger_cross_entropy_kernel
+
+    if liger_cross_entropy_kernel() is None:
+        pytest.skip("needs liger-kernel")
+    torch.manual_seed(0)
+    rows, width, vocab = 300, 64, 5000  # ten chunks of 32 rows (CHUNK_MEM_CONST x 64 x 64 logits at most)
+    hidden = torch.randn(rows, width, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, width, device="cuda", dtype=dtype) / width**0.5
+    labels = torch.randint(0, vocab, (rows,), device="cuda")
+    labels[::7] = -100
+    loss, right = LinearCrossEntropy.apply(hidden, weight, labels)
+    (loss / 10).backward()
+    reference = hidden.detach().float().requires_grad_(True)
+    logits = reference @ weight.float().t()
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    (expected / 10).backward()
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    assert loss.item() == pytest.approx(expected.item(), rel=tolerance)
+    labelled = labels != -100
+    assert right.item() == (logits.argmax(-1) == labels)[labelled].sum().item()
+    assert torch.allclose(hidden.grad.float(), reference.grad, atol=tolerance * reference.grad.abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU reads the embedding from pinned host memory")
+def test_embedding_in_host_memory_gives_the_same_loss_and_gradients(tiny_llama):
+    """The input embedding moved to host memory frees its GPU memory and changes no number; it comes back to the
+    GPU as it was. A tied embedding (the LM head's weight too) stays."""
+    from lora_cli.host_embedding import offload_embedding, offloadable_embedding, restore_embedding
+
+    model = peft_model(tiny_llama, "cuda", untied=True)
+    enable_checkpointing(model)
+    reference = loss_and_grads(model, "cuda")
+    embedding = offloadable_embedding(model)
+    matrix = embedding.weight.detach().clone()
+    before = torch.cuda.memory_allocated()
+    offload_embedding(embedding)
+    assert before - torch.cuda.memory_allocated() == matrix.numel() * matrix.element_size()
+    assert embedding.weight.is_cuda and torch.equal(embedding.weight, matrix)
+    assert_same(reference, loss_and_grads(model, "cuda"), 0.0)
+    restore_embedding(embedding)
+    assert torch.cuda.memory_allocated() == before
+    assert torch.equal(embedding.weight, matrix)
+    assert offloadable_embedding(peft_model(tiny_llama, "cuda")) is None
