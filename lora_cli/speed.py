@@ -12,14 +12,21 @@ Measured on an H100 with benchmarks/speed.py (benchmarks/results/, the README's 
 - fused gated MLPs (fused_mlp.py, `speed.fused_mlp`): gate and up projections, their adapters and SwiGLU (and
   down_proj, when its adapter has no dropout) in one function, the adapters' products added inside the SwiGLU kernel.
 - lean recomputation (kernels.py, `speed.lean_recompute`): with offloaded checkpointing and fused layers, the rerun
-  of a Llama-style layer skips its last projection, whose output no backward reads.
+  of a Llama-style layer skips its last projection, whose output no backward reads; the fused MLP's backward takes
+  the rerun's dequantized 4-bit gate and up weights instead of dequantizing them again (fused_mlp.keeps_weights).
 - offloaded attention (offloaded_attention.py, `speed.offload_attention`): with offloaded checkpointing and fused
   attention projections without dropout, what the attention's backward reads waits in host memory too, and the
   rerun skips the attention.
 - CUDA graphs of the checkpointed layers (graphs.py, `speed.cuda_graphs`) on one GPU, when the memory plan leaves
   room for their memory pool; packed batches are padded to one shape for them (kernels.FixedShapePackedBatches).
-- the fused loss (fused_loss.py, `speed.fused_loss`): on one GPU, the LM head and loss through Liger's fused linear
-  cross-entropy instead of TRL's fused LM head (two matmuls instead of three, fewer syncs a step).
+- the fused loss (fused_loss.py, `speed.fused_loss`): on one GPU, the LM head and loss through Liger's cross-entropy
+  kernel, chunked as its fused linear cross-entropy, instead of TRL's fused LM head (two matmuls instead of three,
+  no sync a step).
+- the input embedding in host memory (host_embedding.py, `speed.offload_embeddings`): for QLoRA with offloaded
+  checkpointing and fused MLPs on one GPU, a frozen embedding not tied to the LM head; the memory it frees pays for
+  the weights the fused MLP keeps.
+- batches are copied to the GPU without a wait (`training.accelerator_config: {non_blocking: true}`, a library
+  setting the recipe can override).
 On any device, `trim_step_overhead` takes out Python the Trainer runs every step, and train.py's defaults drop the
 per-step device syncs of the Trainer's NaN filter and of StopOnNonFiniteWeights.
 """
