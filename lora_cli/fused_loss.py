@@ -25,6 +25,7 @@ without bias, scaling or soft-capping; anything else goes through TRL's own comp
 checks that it trains TRL's adapter, tests/test_kernels.py the loss and gradient against torch's.
 """
 
+import functools
 import types
 
 import torch
@@ -32,7 +33,6 @@ import torch
 # Liger bounds the logits it materializes at once to chunk_mem_const x (tokens x hidden size): 8 keeps a chunk of
 # 1,024 rows for the Llama-3 vocabulary (256 MB in bf16), matmuls cuBLAS runs at full speed.
 CHUNK_MEM_CONST = 8
-LIGER_MAX_BLOCK = 32768  # the widest block Liger's fused linear cross-entropy gives its kernel on a GPU
 # Configs that scale or cap the logits before the loss (TRL's fused head reads the same ones).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
@@ -49,6 +49,7 @@ KERNEL_ARGUMENTS = {
     "HAS_SOFTCAPPING": False, "HAS_GRADIENTS": True}
 
 
+@functools.cache
 def liger_cross_entropy_kernel():
     try:
         from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel as kernel
@@ -66,6 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels):
         import triton
+        from liger_kernel.ops.fused_linear_cross_entropy import MAX_FUSED_SIZE  # the widest block Liger gives it
 
         rows, width = hidden.shape
         vocab = weight.shape[0]
@@ -84,7 +86,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             torch.mm(hidden[start:end], weight.t(), out=part)
             kernel[(end - start,)](
                 X_ptr=part, Y_ptr=labels[start:end], loss_ptr=losses[start:end], token_accuracy_ptr=right[start:end],
-                n_cols=vocab, BLOCK_SIZE=min(LIGER_MAX_BLOCK, triton.next_power_of_2(vocab)), num_warps=32,
+                n_cols=vocab, BLOCK_SIZE=min(MAX_FUSED_SIZE, triton.next_power_of_2(vocab)), num_warps=32,
                 **{**KERNEL_ARGUMENTS, "X_stride": part.stride(0), "Y_stride": labels.stride(0)})
             torch.mm(part, weight, out=grad_hidden[start:end])
         ctx.save_for_backward(grad_hidden)

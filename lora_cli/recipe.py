@@ -94,7 +94,7 @@ class SpeedSection:
     cuda_graphs: bool = True  # checkpointed decoder layers replayed as CUDA graphs (fixed-shape rows, one GPU)
     lean_recompute: bool = True  # the rerun of a checkpointed layer skips down_proj, whose output no backward reads
     offload_attention: bool = True  # with offload_activations: the attention's saved tensors wait in host memory too
-    fused_loss: bool = True  # the LM head and loss through Liger's fused linear cross-entropy (one GPU)
+    fused_loss: bool = True  # the LM head and loss through Liger's cross-entropy kernel, chunked (one GPU)
     offload_embeddings: bool = True  # QLoRA with checkpointing: the frozen input embedding waits in host memory
 
 
