@@ -2,7 +2,7 @@
 of the forward and backward kernels, and the memory bandwidth they reach, for the Llama-3.1-8B MLP shape at batch
 2 x 2048 tokens, r=16, bf16. On a GPU:
 
-    python benchmarks/gated_mlp_kernels.py
+    python benchmarks/kernel_tiles.py
 
 Both kernels are memory-bound (the forward reads two N x intermediate projections and writes one, the backward
 reads three and writes two), so the figure to compare is GB/s against the GPU's (H100 SXM: 3,350 GB/s).
