@@ -71,8 +71,10 @@ def _nf4_kernel():
     @triton.jit
     def dequantize_nf4_kernel(packed, scales, scales2, code2, offset, lut, out, n_bytes, n_values, n_blocks,
                               BLOCKS: tl.constexpr, BLOCK: tl.constexpr, BLOCK2: tl.constexpr, NESTED: tl.constexpr):
-        # A program takes whole quantization blocks, a block a row: each block's scale is decoded once, not once
-        # a byte (three loads a byte with double quantization), which kept the kernel at 2.5 TB/s on an H200.
+        # A program takes whole quantization blocks, a block a row: each block's scale is decoded once, not once a
+        # byte (three loads a byte with double quantization). On an H200 a 14,336 x 4,096 weight took 50 us that
+        # way and takes 40 us now (3.7 TB/s; benchmarks/results/2026-12-04-h200-nf4-before-after.txt). A table of
+        # value pairs, one load a byte instead of two, was slower (2026-12-04-h200-nf4-pair-table.txt).
         blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
         inside = blocks < n_blocks
         if NESTED:
