@@ -2,7 +2,9 @@
 # On the lent GPU machine: installs the carried wheels and this project, then runs the command given.
 #   ../shared/gpu/wheelhouse.sh .wheels; ../shared/gpu/unsloth_wheelhouse.sh .wheels_u (optional; drop its
 #   bitsandbytes wheel, .wheels has it, so that both fit the 64 MiB a call carries)
-#   carry: .wheels .wheels_u .gpu (.gpu/tokenizer: any saved tokenizer, such as the embedded SmolLM2's)
+#   carry: .wheels .wheels_u .gpu (.gpu/tokenizer: any saved tokenizer, such as the embedded SmolLM2's:
+#   python -c "from lora_cli.embedded import embedded_model_dir as d; from transformers import AutoTokenizer as t;
+#   t.from_pretrained(d()).save_pretrained('.gpu/tokenizer')"; keep all three in .git/info/exclude)
 #   bash benchmarks/on_gpu.sh python3 benchmarks/speed.py --modes baseline_qlora,qlora,unsloth --results "$OUT"
 # Unsloth pins older TRL and datasets: they go into a folder of their own, which speed.py puts first on the path of
 # the Unsloth mode's process alone (UNSLOTH_SITE).
