@@ -385,8 +385,8 @@ def test_swiglu_kernels_compute_the_torch_arithmetic(down):
         assert (kernel_out.cpu() - expected).abs().max().item() <= 1e-5 * scale
 
     hidden = torch.full((rows, cols), float("nan"), device=KERNEL_DEVICE)  # every value must be written
-    launch_gated_kernel(_kernels()[0], FORWARD_TILE, gate_out.to(KERNEL_DEVICE), up_out.to(KERNEL_DEVICE),
-                        adapters[0], adapters[1], adapters[2], adapters[3], scales, hidden)
+    launch_gated_kernel(_kernels()[0], FORWARD_TILE, gate_out.to(KERNEL_DEVICE), up_out.to(KERNEL_DEVICE), *adapters,
+                        scales, hidden)
     assert_close(hidden, gated(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales))
 
     expected = gated_backward(grad.clone(), gate_out.clone(), up_out.clone(), p_gate, b_gate, p_up, b_up, scales,
