@@ -87,6 +87,47 @@ def write_data(kind: str) -> Path:
 TOKENS_SEEN: list = []  # the running count of real tokens, a device tensor (count_tokens_on_device)
 
 
+class GpuSampler:
+    """The GPU's power draw and SM clock over the timed steps, from nvidia-smi every 100 ms.
+
+    Why: an H200 running our QLoRA step sits at its 700 W cap with the SM clock at 1,400-1,700 MHz, while the plain
+    stack, paced by the host, draws about 560 W at 1,900-1,980 MHz (benchmarks/results/2026-12-04-h200-power-*.csv):
+    the same matmuls run 7-13% slower in our step than alone on a cool GPU (benchmarks/matmul_layouts.py). With
+    these in each record a run says whether the GPU or the host set its pace."""
+
+    def __init__(self):
+        self.process = None
+        self.means: dict = {}
+
+    def start(self) -> None:
+        import torch
+
+        try:
+            device = f"GPU-{torch.cuda.get_device_properties(0).uuid}"
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "-i", device, "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits",
+                 "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except (OSError, AttributeError):  # no nvidia-smi, or a torch without device uuids: no figures
+            self.process = None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        samples = []
+        for line in self.process.communicate()[0].splitlines():
+            try:
+                samples.append([float(value) for value in line.split(",")])
+            except ValueError:
+                continue
+        if samples:
+            self.means = {"gpu_power_w": round(sum(s[0] for s in samples) / len(samples)),
+                          "gpu_sm_clock_mhz": round(sum(s[1] for s in samples) / len(samples))}
+
+
+GPU_SAMPLER = GpuSampler()
+
+
 def count_tokens_on_device() -> None:
     """The Trainer's include_num_input_tokens_seen reads its count back after every step (`.item()`): a device sync
     that leaves the GPU idle while the host clips, steps the optimizer and loads the next batch (the QLoRA GPU
@@ -133,6 +174,10 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
             else:
                 stamp = time.time()
             records.append((stamp, TOKENS_SEEN[0] if TOKENS_SEEN else state.num_input_tokens_seen))
+            if torch.cuda.is_available() and state.global_step == WARM:
+                GPU_SAMPLER.start()
+            if state.global_step == STEPS:
+                GPU_SAMPLER.stop()
             if graph_pools is not None and state.global_step == STEPS and torch.cuda.is_available():
                 graph_pools.append(sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
                                        if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0)))
@@ -243,6 +288,7 @@ def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:
         "mfu": round(tokens_per_second * flops_per_token / PEAK_FLOPS, 4),
         "trainable": trainable,
         "losses": losses,  # logged at steps 5 and 10: a lever that trains differently shows here (same data, seed)
+        **GPU_SAMPLER.means,
     }
 
 
@@ -428,11 +474,27 @@ def write_records(results: dict, args, gpu: str) -> None:
             "unsloth_tok_per_s": unsloth.get("tok_per_s") if mode == "qlora" else None,
             "unsloth_peak_gib": unsloth.get("peak_gib") if mode == "qlora" else None,
             "unsloth_reserved_gib": unsloth.get("reserved_gib") if mode == "qlora" else None,
+            "unsloth_gpu_power_w": unsloth.get("gpu_power_w") if mode == "qlora" else None,
+            "unsloth_gpu_sm_clock_mhz": unsloth.get("gpu_sm_clock_mhz") if mode == "qlora" else None,
             "losses": result["losses"], "baseline_losses": baseline.get("losses"),
+            # The plain stack is paced by the host: its speed moves with the host's processor.
+            "gpu_power_w": result.get("gpu_power_w"), "gpu_sm_clock_mhz": result.get("gpu_sm_clock_mhz"),
+            "baseline_gpu_power_w": baseline.get("gpu_power_w"),
+            "baseline_gpu_sm_clock_mhz": baseline.get("gpu_sm_clock_mhz"), "host_cpu": host_cpu(),
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
         save_record(out / f"{date}-{gpu_tag(gpu)}-{args.arch}-{mode}.json", record)
+
+
+def host_cpu() -> str:
+    """The host's processor model and core count, from /proc/cpuinfo (Linux); the core count alone elsewhere."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown processor'}, {os.cpu_count()} cores"
 
 
 def gpu_tag(gpu: str, count: int = 1) -> str:
