@@ -460,6 +460,7 @@ def write_records(results: dict, args, gpu: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     unsloth = results.get("unsloth", {})
+    loop_ms = host_loop_ms()
     for mode, result in results.items():
         if mode.startswith("baseline_") or mode == "unsloth":
             continue
@@ -481,10 +482,24 @@ def write_records(results: dict, args, gpu: str) -> None:
             "gpu_power_w": result.get("gpu_power_w"), "gpu_sm_clock_mhz": result.get("gpu_sm_clock_mhz"),
             "baseline_gpu_power_w": baseline.get("gpu_power_w"),
             "baseline_gpu_sm_clock_mhz": baseline.get("gpu_sm_clock_mhz"), "host_cpu": host_cpu(),
+            "host_python_loop_ms": loop_ms,
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
         save_record(out / f"{date}-{gpu_tag(gpu)}-{args.arch}-{mode}.json", record)
+
+
+def host_loop_ms() -> float:
+    """Milliseconds the host takes for a fixed pure-Python loop, the best of three: the plain stack's kernels are
+    launched through Python, so its speed moves with the host's, which this shows (a virtual machine's processor
+    model often does not)."""
+    best = float("inf")
+    for _ in range(3):
+        started, total = time.perf_counter(), 0
+        for i in range(2_000_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1e3, 1)
 
 
 def host_cpu() -> str:
