@@ -14,7 +14,9 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, lora_trlloss, qlora_varied_novarlen (one default lever off); unsloth (with UNSLOTH_SITE naming its packages).
+qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, lora_trlloss, qlora_varied_novarlen (one default
+lever off); baseline_qlora_compile, qlora_compile (each with TRL's `torch_compile: true`; the plain stack's result is
+printed, not recorded); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
@@ -340,6 +342,8 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"offload_attention": False}
     if mode.endswith("_trlloss"):
         raw["speed"] = {"fused_loss": False}
+    if mode.endswith("_compile"):  # not a lever of ours: TRL's torch.compile on top of the defaults
+        raw["training"]["torch_compile"] = True
     records, losses, graph_pools = [], [], []
     summary = train(build_recipe(raw, source=f"bench-{mode}"), overwrite=True,
                     callbacks=[timer_callback(records, losses, graph_pools)])
@@ -367,8 +371,9 @@ def run_baseline(mode: str, arch: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0 if gpu else "cpu"}, **kwargs)
     rows = [json.loads(line) for line in write_data(data_kind).read_text().splitlines()]
     records, losses = [], []
-    args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu, gradient_checkpointing="nogc" not in mode,
-                     packing=False, dataloader_num_workers=0, **training_settings(data_kind))
+    args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu,
+                     gradient_checkpointing="nogc" not in mode, torch_compile=mode.endswith("_compile"), packing=False,
+                     dataloader_num_workers=0, **training_settings(data_kind))
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)],
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
