@@ -465,7 +465,7 @@ def write_records(results: dict, args, gpu: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     unsloth = results.get("unsloth", {})
-    loop_ms = host_loop_ms()
+    host = {"host_cpu": host_cpu(), "host_python_loop_ms": host_loop_ms()}  # the same for every record of a run
     for mode, result in results.items():
         if mode.startswith("baseline_") or mode == "unsloth":
             continue
@@ -486,8 +486,7 @@ def write_records(results: dict, args, gpu: str) -> None:
             # The plain stack is paced by the host: its speed moves with the host's processor.
             "gpu_power_w": result.get("gpu_power_w"), "gpu_sm_clock_mhz": result.get("gpu_sm_clock_mhz"),
             "baseline_gpu_power_w": baseline.get("gpu_power_w"),
-            "baseline_gpu_sm_clock_mhz": baseline.get("gpu_sm_clock_mhz"), "host_cpu": host_cpu(),
-            "host_python_loop_ms": loop_ms,
+            "baseline_gpu_sm_clock_mhz": baseline.get("gpu_sm_clock_mhz"), **host,
             "seq_len": SEQ, "batch_size": BATCH,
             "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
         }
