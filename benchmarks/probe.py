@@ -5,7 +5,9 @@
 1. Varlen flash attention with grouped key/value heads passed as they are against repeated to the query's heads
    (Llama-3.1-8B shape, 4,096 packed tokens, forward and backward): outputs and gradients compared, time per call.
 2. cuBLAS bf16 matmul rates on the shapes of that model's step (4,096 tokens).
-3. Pinned host <-> GPU copy bandwidth, which bounds what activation offloading can move per step.
+3. Pinned host <-> GPU copy bandwidth, which bounds what activation offloading can move per step: each direction
+   alone, then both at once on two streams (as when the forward pass copies activations out while weights or
+   activations would come in: what streaming the NF4 weights from host memory would have to share).
 """
 
 import inspect
@@ -70,6 +72,20 @@ def host_bandwidth() -> None:
     for direction, (dst, src) in (("GPU -> host", (host, device)), ("host -> GPU", (device, host))):
         seconds = timed(lambda dst=dst, src=src: dst.copy_(src, non_blocking=True), 10)
         print(f"{direction}: {0.5 / seconds:.1f} GiB/s (pinned)")
+    device_in = torch.empty_like(device)
+    host_in = torch.empty_like(host)
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def both():
+        for stream, (dst, src) in zip(streams, ((host, device), (device_in, host_in))):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+
+    seconds = timed(both, 10)
+    print(f"both at once: {0.5 / seconds:.1f} GiB/s each way (pinned)")
 
 
 if __name__ == "__main__":
