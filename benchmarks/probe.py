@@ -73,7 +73,7 @@ def host_bandwidth() -> None:
         seconds = timed(lambda dst=dst, src=src: dst.copy_(src, non_blocking=True), 10)
         print(f"{direction}: {0.5 / seconds:.1f} GiB/s (pinned)")
     device_in = torch.empty_like(device)
-    host_in = torch.empty_like(host)
+    host_in = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)  # empty_like would not pin it
     streams = torch.cuda.Stream(), torch.cuda.Stream()
 
     def both():
