@@ -37,8 +37,7 @@ def gated_mlp_tiles() -> None:
     big = dict(device="cuda", dtype=torch.bfloat16)
     tensors = [torch.randn(ROWS, COLS, **big), torch.randn(ROWS, COLS, **big), torch.randn(ROWS, RANK, **big),
                torch.randn(COLS, RANK, **big), torch.randn(ROWS, RANK, **big), torch.randn(COLS, RANK, **big)]
-    grad = torch.randn(ROWS, COLS, **big)
-    down = torch.randn(ROWS, RANK, **big), torch.randn(RANK, COLS, **big), 2.0, torch.empty(0, **big)  # a lean rerun
+    grad, down = torch.randn(ROWS, COLS, **big), (torch.randn(ROWS, RANK, **big), torch.randn(RANK, COLS, **big), 2.0)
     size = ROWS * COLS * 2
     print(f"{'BM':>4} {'BN':>4} {'warps':>5}  {'forward ms':>10} {'GB/s':>6}")
     for block_rows, block_cols, warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
@@ -47,11 +46,6 @@ def gated_mlp_tiles() -> None:
             forward = milliseconds(lambda: triton_gated(tile, *tensors, (2.0, 2.0)))
             print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}",
                   flush=True)
-    gate, up, p_gate, b_gate, p_up, b_up = tensors
-    replaced = milliseconds(lambda: (gate @ b_gate, up @ b_up, gate.t() @ p_gate, up.t() @ p_up, grad @ down[1].t(),
-                                     down[0].t() @ grad))
-    print(f"the six matmuls the backward kernel's parts replace (dgate Bg, dup Bu, dgate^T p_gate, dup^T p_up, "
-          f"h A_d^T, grad_p_down^T h): {replaced:.3f} ms")
     print(f"{'BM':>4} {'BN':>4} {'warps':>5} {'groups':>6}  {'backward ms':>11} {'GB/s':>6}")
     for tile in itertools.product((16, 32, 64), (64, 128), (4, 8), (4, 8, 16)):
         # The backward writes gradients over the projections it reads: values change, the memory traffic does not.
