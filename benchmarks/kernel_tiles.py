@@ -1,7 +1,6 @@
 """Tile sizes of fused_mlp's Triton kernels (gated_kernels.py; fused_mlp.FORWARD_TILE and BACKWARD_TILE): time
 of the forward and backward kernels, and the memory bandwidth they reach, for the Llama-3.1-8B MLP shape at batch
-2 x 2048 tokens, r=16, bf16, the backward with down_proj's adapter inside (LoraSwiGLUMLP) and the sums of its
-parts included (fused_mlp.triton_gated_backward, as a training step calls it). On a GPU:
+2 x 2048 tokens, r=16, bf16. On a GPU:
 
     python benchmarks/kernel_tiles.py
 
@@ -14,7 +13,8 @@ import itertools
 
 import torch
 
-from lora_cli.fused_mlp import triton_gated, triton_gated_backward
+from lora_cli import gated_kernels
+from lora_cli.fused_mlp import launch_gated_kernel
 from lora_cli.kernels import dequantize_nf4
 
 ROWS, COLS, RANK = 4096, 14336, 16
@@ -37,21 +37,20 @@ def gated_mlp_tiles() -> None:
     big = dict(device="cuda", dtype=torch.bfloat16)
     tensors = [torch.randn(ROWS, COLS, **big), torch.randn(ROWS, COLS, **big), torch.randn(ROWS, RANK, **big),
                torch.randn(COLS, RANK, **big), torch.randn(ROWS, RANK, **big), torch.randn(COLS, RANK, **big)]
-    grad, down = torch.randn(ROWS, COLS, **big), (torch.randn(ROWS, RANK, **big), torch.randn(RANK, COLS, **big), 2.0)
+    hidden, grad = torch.empty(ROWS, COLS, **big), torch.randn(ROWS, COLS, **big)
     size = ROWS * COLS * 2
-    print(f"{'BM':>4} {'BN':>4} {'warps':>5}  {'forward ms':>10} {'GB/s':>6}")
+    print(f"{'BM':>4} {'BN':>4} {'warps':>5}  {'forward ms':>10} {'GB/s':>6}  {'backward ms':>11} {'GB/s':>6}")
     for block_rows, block_cols, warps in itertools.product((32, 64, 128), (64, 128, 256), (4, 8)):
-        if block_rows * block_cols <= 128 * 128:
-            tile = block_rows, block_cols, warps
-            forward = milliseconds(lambda: triton_gated(tile, *tensors, (2.0, 2.0)))
-            print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}",
-                  flush=True)
-    print(f"{'BM':>4} {'BN':>4} {'warps':>5} {'groups':>6}  {'backward ms':>11} {'GB/s':>6}")
-    for tile in itertools.product((16, 32, 64), (64, 128), (4, 8), (4, 8, 16)):
+        if block_rows * block_cols > 128 * 128:
+            continue
+        tile = block_rows, block_cols, warps
+        forward = milliseconds(
+            lambda: launch_gated_kernel(gated_kernels.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
         # The backward writes gradients over the projections it reads: values change, the memory traffic does not.
-        backward = milliseconds(lambda: triton_gated_backward(tile, *tensors, (2.0, 2.0), grad, down))
-        print(" ".join(f"{value:>{width}}" for value, width in zip(tile, (4, 4, 5, 6))),
-              f" {backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
+        backward = milliseconds(
+            lambda: launch_gated_kernel(gated_kernels.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
+        print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}  "
+              f"{backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
 
 
 def nf4_tiles() -> None:

@@ -7,9 +7,7 @@ Llama-3.1-8B QLoRA step on an H100 those adapter adds were 21 ms of the step's 3
 two thirds of that. Here the adapter products (rank r) are added inside the SwiGLU kernel, where the projections
 are read anyway: h = silu(x Wg^T + sg (dg(x) Ag^T) Bg^T) * (x Wu^T + su (du(x) Au^T) Bu^T). The backward kernel
 rebuilds both pre-activations the same way and writes their gradients over the saved projections, as Liger's
-SwiGLU does; the sum is computed in float32 and rounded once (PEFT and Liger round each term). The same kernel
-computes the products the adapters' gradients need from those gradients (and, with down_proj inside, from h), so
-nothing reads them again for that (gated_backward says why). When down_proj's
+SwiGLU does; the sum is computed in float32 and rounded once (PEFT and Liger round each term). When down_proj's
 adapter has no dropout, down_proj runs inside the same function (LoraSwiGLUMLP, which says why); otherwise
 LoraGatedMLP stops at SwiGLU and down_proj stays a fused LoRA layer.
 
@@ -21,7 +19,6 @@ tests/test_kernels.py checks loss and gradients against the unfused layers.
 
 import functools
 import types
-import typing
 
 import torch
 
@@ -47,8 +44,10 @@ class LoraGatedMLP(torch.autograd.Function):
         rows, mask_gate, mask_up, p_gate, p_up, *adapters, gate_out, up_out = ctx.saved_tensors
         grad = grad_hidden.reshape(-1, grad_hidden.shape[-1]).to(rows.dtype)
         with torch.autocast(rows.device.type, enabled=False):
-            mlp = gated_backward(grad, gate_out, up_out, p_gate, adapters[1], p_up, adapters[3], ctx.scales)
-            grad_x, grads = gate_and_up_backward(ctx, rows, (mask_gate, mask_up), adapters, mlp)
+            grad_gate, grad_up = gated_backward(grad, gate_out, up_out, p_gate, adapters[1], p_up, adapters[3],
+                                                ctx.scales)
+            grad_x, grads = gate_and_up_backward(ctx, rows, (mask_gate, mask_up), p_gate, p_up, adapters, grad_gate,
+                                                 grad_up)
         return grad_x, None, None, *grads, None, None
 
 
@@ -57,8 +56,7 @@ class LoraSwiGLUMLP(torch.autograd.Function):
 
     Why down_proj inside: its backward needs the SwiGLU output h (I columns) only for its adapter's gradients, and
     the SwiGLU backward kernel can rebuild h from what it reads anyway. So h is not saved (nor made at all by a lean
-    rerun, kernels.py, nor written by the backward kernel, which computes h A_d^T and the gradient at A_d itself),
-    and the kernel also adds down_proj's adapter term to the gradient at h, which
+    rerun, kernels.py), and the kernel also adds down_proj's adapter term to the gradient at h, which
     LoraLinear adds in a pass of its own over that gradient. For the Llama-3.1-8B QLoRA step on an H100 the rerun's
     SwiGLU kernel and that add took 140 and 118 us a layer (`BENCH_PROFILE=cuda BENCH_TRACE_DIR=...
     python benchmarks/speed.py --modes qlora`), and h was 112 MiB of the step's peak memory.
@@ -91,12 +89,16 @@ class LoraSwiGLUMLP(torch.autograd.Function):
         with torch.autocast(rows.device.type, enabled=False):
             grad_p_down = grad @ b_down  # gradient at h A_d^T, unscaled
             grad_at_hidden = grad @ base_weight(ctx.down, rows.dtype)  # the adapter's term is added in the kernel
-            mlp = gated_backward(grad_at_hidden, gate_out, up_out, p_gate, adapters[1], p_up, adapters[3],
-                                 ctx.scales, down=(grad_p_down, a_down, ctx.s_down, p_down))
-            del grad_at_hidden
-            grad_b_down = scaled_as(grad.t() @ mlp.p_down, ctx.s_down, ctx.down_dtypes[1])
-            grad_a_down = scaled_as(mlp.grad_a_down, ctx.s_down, ctx.down_dtypes[0])
-            grad_x, grads = gate_and_up_backward(ctx, rows, (mask_gate, mask_up), adapters[:4], mlp)
+            grad_gate, grad_up, hidden = gated_backward(
+                grad_at_hidden, gate_out, up_out, p_gate, adapters[1], p_up, adapters[3], ctx.scales,
+                down=(grad_p_down, a_down, ctx.s_down))
+            if p_down.numel() == 0:
+                p_down = hidden @ a_down.t()
+            grad_b_down = scaled_as(grad.t() @ p_down, ctx.s_down, ctx.down_dtypes[1])
+            grad_a_down = scaled_as(grad_p_down.t() @ hidden, ctx.s_down, ctx.down_dtypes[0])
+            del hidden, grad_at_hidden
+            grad_x, grads = gate_and_up_backward(ctx, rows, (mask_gate, mask_up), p_gate, p_up, adapters[:4],
+                                                 grad_gate, grad_up)
         return grad_x, None, None, None, *grads, grad_a_down, grad_b_down, None, None, None
 
 
@@ -151,24 +153,24 @@ def base_weights_again(ctx, dtype):
         yield kept.pop(0) if kept else base_weight(base, dtype)
 
 
-def gate_and_up_backward(ctx, rows, saved_masks, adapters, mlp):
-    """The input's gradient and the gate and up adapters' gradients, from the gradients at both pre-activations
-    and their products (mlp, gated_backward's)."""
-    a_gate, _, a_up, _ = adapters
+def gate_and_up_backward(ctx, rows, saved_masks, p_gate, p_up, adapters, grad_gate, grad_up):
+    """The input's gradient and the gate and up adapters' gradients, from the gradients at both pre-activations."""
+    a_gate, b_gate, a_up, b_up = adapters
     masks = [None if m.numel() == 0 else m for m in saved_masks]
     s_gate, s_up = ctx.scales
+    grad_p_gate, grad_p_up = grad_gate @ b_gate, grad_up @ b_up  # gradients at x A^T, unscaled
     grads = [None] * 4
-    grads[1] = scaled_as(mlp.grad_b_gate, s_gate, ctx.adapter_dtypes[1])
-    grads[3] = scaled_as(mlp.grad_b_up, s_up, ctx.adapter_dtypes[3])
+    grads[1] = scaled_as(grad_gate.t() @ p_gate, s_gate, ctx.adapter_dtypes[1])
+    grads[3] = scaled_as(grad_up.t() @ p_up, s_up, ctx.adapter_dtypes[3])
     dropped = [dropped_input(rows, mask, p) for mask, p in zip(masks, ctx.dropouts)]
-    grads[0] = scaled_as(mlp.grad_p_gate.t() @ dropped[0], s_gate, ctx.adapter_dtypes[0])
-    grads[2] = scaled_as(mlp.grad_p_up.t() @ dropped[1], s_up, ctx.adapter_dtypes[2])
+    grads[0] = scaled_as(grad_p_gate.t() @ dropped[0], s_gate, ctx.adapter_dtypes[0])
+    grads[2] = scaled_as(grad_p_up.t() @ dropped[1], s_up, ctx.adapter_dtypes[2])
     grad_x = None
     if ctx.needs_input_grad[0]:
         weights = base_weights_again(ctx, rows.dtype)
-        grad_x = mlp.grad_gate @ next(weights)
-        grad_x += mlp.grad_up @ next(weights)  # apart: cuBLAS runs an accumulating matmul slower
-        for grad_p, a, mask, scale, p in zip((mlp.grad_p_gate, mlp.grad_p_up), (a_gate, a_up), masks, ctx.scales,
+        grad_x = grad_gate @ next(weights)
+        grad_x += grad_up @ next(weights)  # apart: cuBLAS runs an accumulating matmul slower
+        for grad_p, a, mask, scale, p in zip((grad_p_gate, grad_p_up), (a_gate, a_up), masks, ctx.scales,
                                              ctx.dropouts):
             add_adapter_input_grad(grad_x, grad_p, a, mask, scale, p)
         grad_x = grad_x.view(*ctx.input_shape[:-1], grad_x.shape[-1]).to(ctx.input_dtype)
@@ -183,53 +185,36 @@ def masks_or_empty(masks):
 def gated(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
     """silu(gate_out + sg p_gate Bg^T) * (up_out + su p_up Bu^T), rounded once to the projections' dtype."""
     if gate_out.is_cuda and triton_available():
-        return triton_gated(FORWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales)
+        hidden = torch.empty_like(gate_out)
+        launch_gated_kernel(_kernels()[0], FORWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales,
+                            hidden)
+        return hidden
     gate, up = pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales)
     return (torch.nn.functional.silu(gate) * up).to(gate_out.dtype)
 
 
-class MLPBackward(typing.NamedTuple):
-    """The gradients at both pre-activations (written over the projections, which are not needed again) and the
-    products of them the adapters' gradients take, unscaled; with down_proj inside, h A_d^T and the gradient at A_d
-    (unscaled) too."""
+def gated_backward(grad, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, down=None):
+    """The gradients at both pre-activations, written over gate_out and up_out (they are not needed again).
 
-    grad_gate: torch.Tensor
-    grad_up: torch.Tensor
-    grad_p_gate: torch.Tensor  # grad_gate Bg: the gradient at x Ag^T
-    grad_p_up: torch.Tensor
-    grad_b_gate: torch.Tensor  # grad_gate^T p_gate
-    grad_b_up: torch.Tensor
-    p_down: torch.Tensor | None = None  # h A_d^T
-    grad_a_down: torch.Tensor | None = None  # (grad at h A_d^T)^T h
-
-
-def gated_backward(grad, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, down=None) -> MLPBackward:
-    """Backward of gated(): MLPBackward from the gradient at h.
-
-    down: (gradient at h A_d^T, A_d, s_d, h A_d^T as the forward kept it or empty) of a down_proj adapter
-    (LoraSwiGLUMLP): grad is then the gradient at h without that adapter's term, which is added here; h A_d^T is
-    made here only if the forward did not keep it (a lean rerun).
-
-    Why the products here: each of them reads a full N x I gradient (or h), six reads of 117 MB a layer for the
-    Llama-3.1-8B shape at 4,096 tokens, about 230 us of a layer's backward on an H200 (session-11 GPU trace,
-    docs/performance.md). The Triton kernel computes them from the tiles it holds, as float32 parts added up after."""
+    down: (gradient at h A_d^T, A_d, s_d) of a down_proj adapter (LoraSwiGLUMLP): grad is then the gradient at h
+    without that adapter's term, which is added here, and h is rebuilt over grad and returned third."""
     if grad.is_cuda and triton_available():
-        return triton_gated_backward(BACKWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, grad, down)
+        grad = grad.contiguous()
+        launch_gated_kernel(_kernels()[1], BACKWARD_TILE, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, grad,
+                            down)
+        return (gate_out, up_out) if down is None else (gate_out, up_out, grad)
     gate, up = pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales)
     sigmoid = torch.sigmoid(gate)
     full_grad = grad.float()
     if down is not None:
-        grad_p_down, a_down, s_down, p_down = down
+        grad_p_down, a_down, s_down = down
         full_grad = torch.addmm(full_grad, grad_p_down.float(), a_down.float(), alpha=s_down)
     gate_out.copy_(full_grad * up * sigmoid * (1 + gate * (1 - sigmoid)))
     up_out.copy_(full_grad * gate * sigmoid)
-    products = gate_out @ b_gate, up_out @ b_up, gate_out.t() @ p_gate, up_out.t() @ p_up
     if down is None:
-        return MLPBackward(gate_out, up_out, *products)
-    hidden = torch.nn.functional.silu(gate).mul_(up).to(gate_out.dtype)  # as gated() computes h: the same values
-    if p_down.numel() == 0:
-        p_down = hidden @ a_down.t()
-    return MLPBackward(gate_out, up_out, *products, p_down, grad_p_down.t() @ hidden)
+        return gate_out, up_out
+    grad.copy_(torch.nn.functional.silu(gate) * up)  # as gated() computes h: the same values
+    return gate_out, up_out, grad
 
 
 def pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
@@ -238,10 +223,9 @@ def pre_activations(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales):
     return gate, up
 
 
-# Rows, columns and warps of a program (and, for the backward, the row groups: a program takes every groups-th row
-# tile of its column block), the fastest of `python benchmarks/kernel_tiles.py` on an H100 (Llama-3.1-8B MLP,
-# 4,096 tokens): forward 0.139 ms against 0.162 with 64 x 128 and 4 warps.
-FORWARD_TILE, BACKWARD_TILE = (32, 64, 8), (32, 128, 8, 8)
+# Rows, columns and warps of a program, the fastest of `python benchmarks/kernel_tiles.py` on an H100 (Llama-3.1-8B
+# MLP, 4,096 tokens): forward 0.139 ms against 0.162 with 64 x 128 and 4 warps, backward 0.238 against 0.258.
+FORWARD_TILE, BACKWARD_TILE = (32, 64, 8), (32, 128, 4)
 
 
 @functools.cache
@@ -251,61 +235,25 @@ def _kernels():
     return gated_kernels.forward_kernel, gated_kernels.backward_kernel
 
 
-def adapter_rows(p_gate, p_up):
-    """x Ag^T and x Au^T as the kernels read them: rows of the same stride, each contiguous."""
-    if p_gate.stride(1) != 1 or p_up.stride() != p_gate.stride():
-        return p_gate.contiguous(), p_up.contiguous()
-    return p_gate, p_up
-
-
-def padded_rank(rank: int) -> int:
-    import triton
-
-    return max(16, triton.next_power_of_2(rank))  # tl.dot needs K >= 16
-
-
-def triton_gated(tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, hidden=None):
-    import triton
-
-    n_rows, n_cols = gate_out.shape
-    p_gate, p_up = adapter_rows(p_gate, p_up)
-    hidden = torch.empty_like(gate_out) if hidden is None else hidden
-    block_rows, block_cols, warps = tile
-    _kernels()[0][(triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))](
-        gate_out, up_out, p_gate, b_gate.contiguous(), p_up, b_up.contiguous(), scales[0], scales[1], hidden, n_rows,
-        n_cols, b_gate.shape[1], p_gate.stride(0), R=padded_rank(b_gate.shape[1]), BM=block_rows, BN=block_cols,
-        IEEE=gate_out.dtype == torch.float32, num_warps=warps)  # IEEE: no TF32
-    return hidden
-
-
-def triton_gated_backward(tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, grad, down=None):
+def launch_gated_kernel(kernel, tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, last, down=None):
     import triton
 
     n_rows, n_cols = gate_out.shape
     rank = b_gate.shape[1]
-    p_gate, p_up = adapter_rows(p_gate, p_up)
+    if p_gate.stride(1) != 1 or p_up.stride() != p_gate.stride():
+        p_gate, p_up = p_gate.contiguous(), p_up.contiguous()
     if down is None:  # the kernel's down_proj arguments go unread
-        grad_p_down, a_down_t, s_down = p_gate, b_gate.contiguous(), 0.0
+        p_down, a_down_t, s_down = p_gate, b_gate, 0.0
     else:
-        grad_p_down, a_down, s_down, kept_p_down = down
-        grad_p_down, a_down_t = grad_p_down.contiguous(), a_down.t().contiguous()  # A_d^T: laid out as B (I x r)
-    block_rows, block_cols, warps, groups = tile
-    blocks, groups = triton.cdiv(n_cols, block_cols), min(groups, triton.cdiv(n_rows, block_rows))
-    padded, kinds = padded_rank(rank), 2 if down is None else 3
-    by_rows = torch.empty(kinds, blocks, n_rows, padded, dtype=torch.float32, device=gate_out.device)
-    by_cols = torch.empty(kinds, groups, n_cols, padded, dtype=torch.float32, device=gate_out.device)
-    _kernels()[1][(blocks, groups)](
-        gate_out, up_out, p_gate, b_gate.contiguous(), p_up, b_up.contiguous(), scales[0], scales[1],
-        grad.contiguous(), grad_p_down, a_down_t, s_down, by_rows, by_cols, n_rows, n_cols, rank, p_gate.stride(0),
-        grad_p_down.stride(0), R=padded, BM=block_rows, BN=block_cols, IEEE=gate_out.dtype == torch.float32,
-        DOWN=down is not None, num_warps=warps)
-    along_rows = by_rows.sum(1)[..., :rank].to(gate_out.dtype)  # as a matmul of that dtype gives them
-    along_cols = by_cols.sum(1)[..., :rank]
-    # Each a tensor of its own: scaled in place, they become the adapters' gradients, which must not hold the rest.
-    grad_b_gate, grad_b_up = along_cols[0].clone(), along_cols[1].clone()
-    down_products = () if down is None else (kept_p_down if kept_p_down.numel() else along_rows[2],
-                                             along_cols[2].t().contiguous())
-    return MLPBackward(gate_out, up_out, along_rows[0], along_rows[1], grad_b_gate, grad_b_up, *down_products)
+        p_down, a_down, s_down = down
+        p_down, a_down_t = p_down.contiguous(), a_down.t().contiguous()  # A_d^T: laid out as B is (I x r)
+    block_rows, block_cols, warps = tile
+    grid = (triton.cdiv(n_rows, block_rows), triton.cdiv(n_cols, block_cols))
+    kernel[grid](gate_out, up_out, p_gate, b_gate.contiguous(), p_up, b_up.contiguous(), scales[0], scales[1], last,
+                 p_down, a_down_t, s_down, n_rows, n_cols, rank, p_gate.stride(0), p_down.stride(0),
+                 R=max(16, triton.next_power_of_2(rank)), BM=block_rows, BN=block_cols,
+                 IEEE=gate_out.dtype == torch.float32,  # tl.dot needs K >= 16; IEEE: no TF32
+                 DOWN=down is not None, num_warps=warps)
 
 
 def fused_mlp_forward(self, x):

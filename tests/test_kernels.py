@@ -369,38 +369,36 @@ def test_nf4_dequantization_is_bitsandbytes_exactly(nested, shape, dtype):
 def test_swiglu_kernels_compute_the_torch_arithmetic(down):
     """fused_mlp's Triton kernels against its torch arithmetic (what a CPU runs) in float32, on a shape that fills no
     tile and a rank below tl.dot's 16: SwiGLU of both pre-activations with their adapters' products; the gradients at
-    both, written over the projections, and the products of them (and, with down_proj's adapter, of h) that the
-    adapters' gradients take, added up from the kernel's parts; with down_proj's adapter (LoraSwiGLUMLP), its term
-    added to the gradient. Tiles and row groups small enough that several of each meet."""
-    from lora_cli.fused_mlp import gated, gated_backward, triton_gated, triton_gated_backward
+    both, written over the projections; with down_proj's adapter (LoraSwiGLUMLP), its term added to the gradient and h
+    rebuilt over it."""
+    from lora_cli.fused_mlp import BACKWARD_TILE, FORWARD_TILE, _kernels, gated, gated_backward, launch_gated_kernel
 
     torch.manual_seed(0)
     rows, cols, rank, scales = 70, 200, 8, (0.5, 2.0)
     gate_out, up_out, grad = torch.randn(rows, cols), torch.randn(rows, cols), torch.randn(rows, cols)
     p_gate, b_gate, p_up, b_up = torch.randn(rows, rank), torch.randn(cols, rank), torch.randn(rows, rank), \
         torch.randn(cols, rank)
-    down_term = (torch.randn(rows, rank), torch.randn(rank, cols), 0.25, torch.empty(0)) if down else None
+    down_term = (torch.randn(rows, rank), torch.randn(rank, cols), 0.25) if down else None
     adapters = [t.to(KERNEL_DEVICE) for t in (p_gate, b_gate, p_up, b_up)]
 
     def on_device(term):
-        return None if term is None else (term[0].to(KERNEL_DEVICE), term[1].to(KERNEL_DEVICE), *term[2:])
+        return None if term is None else (term[0].to(KERNEL_DEVICE), term[1].to(KERNEL_DEVICE), term[2])
 
     hidden = torch.full((rows, cols), float("nan"), device=KERNEL_DEVICE)  # every value must be written
-    triton_gated((32, 64, 4), gate_out.to(KERNEL_DEVICE), up_out.to(KERNEL_DEVICE), *adapters, scales, hidden)
+    launch_gated_kernel(_kernels()[0], FORWARD_TILE, gate_out.to(KERNEL_DEVICE), up_out.to(KERNEL_DEVICE), *adapters,
+                        scales, hidden)
+    assert hidden.device.type == KERNEL_DEVICE
     assert_close(hidden, gated(gate_out, up_out, p_gate, b_gate, p_up, b_up, scales), 1e-5)
 
     expected = gated_backward(grad.clone(), gate_out.clone(), up_out.clone(), p_gate, b_gate, p_up, b_up, scales,
                               down=down_term)
     written = [t.clone().to(KERNEL_DEVICE) for t in (gate_out, up_out, grad)]
-    computed = triton_gated_backward((16, 64, 4, 2), written[0], written[1], *adapters, scales, written[2],
-                                     on_device(down_term))
-    assert computed.grad_gate is written[0] and computed.grad_up is written[1]
-    for name in expected._fields:
-        if getattr(expected, name) is None:
-            assert getattr(computed, name) is None, name
-        else:
-            assert_close(getattr(computed, name), getattr(expected, name), 1e-5, name)
-    assert torch.equal(written[2].cpu(), grad)  # the gradient at h is only read
+    launch_gated_kernel(_kernels()[1], BACKWARD_TILE, written[0], written[1], *adapters, scales, written[2],
+                        on_device(down_term))
+    for kernel_out, expected_out in zip(written, expected):
+        assert_close(kernel_out, expected_out, 1e-5)
+    if not down:
+        assert torch.equal(written[2].cpu(), grad)  # without down_proj inside, the gradient at h is only read
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's cross-entropy kernel runs on a GPU")
