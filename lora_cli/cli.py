@@ -24,6 +24,9 @@ app = typer.Typer(
 @app.callback()
 def _root():
     """Fine-tune causal language models with LoRA and QLoRA from YAML recipes."""
+    from lora_cli.models import hide_library_notices
+
+    hide_library_notices()
 
 
 @app.command()

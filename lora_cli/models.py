@@ -8,6 +8,7 @@ elsewhere, in adapter_config.json), and read_adapter() reads it, so merge and ge
 
 import dataclasses
 import json
+import logging
 import socket
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ from pathlib import Path
 from lora_cli.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, embedded_model_dir
 from lora_cli.errors import LoraError, first_line
 from lora_cli.recipe import ModelSection, QuantizationSection
+
+
+def hide_library_notices() -> None:
+    """Notices meant for the libraries' developers, not for someone running lora: deprecations (PEFT 0.21 reads
+    transformers' deprecated `is_gradient_checkpointing` each time it attaches an adapter, so `lora generate` and
+    `lora merge` printed a FutureWarning), and bitsandbytes' note, on CPUs with AVX512-BF16, that it could not load
+    an optional kernel from the Hub (its own CPU code runs instead). Stdlib only: the CLI calls it first."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -24,7 +24,7 @@ from lora_cli.checkpoints import (
     step_of,
 )
 from lora_cli.errors import LoraError
-from lora_cli.models import has_accelerator, load_base_for_recipe, pick_dtype
+from lora_cli.models import has_accelerator, hide_library_notices, load_base_for_recipe, pick_dtype
 from lora_cli.reporting import drop_metrics_after
 from lora_cli.speed import gpu_speed_defaults, step_memory_plan, trim_step_overhead, use_own_kernels
 
@@ -100,13 +100,10 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
 
 def quiet_libraries() -> None:
     """Our progress bar and audit say what matters; the libraries' per-map bars and renaming notices do not."""
-    import warnings
-
     import datasets
 
     datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    hide_library_notices()
 
 
 def check_output_dir(out: Path, resume: bool, overwrite: bool, dry_run: bool) -> None:
