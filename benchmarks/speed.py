@@ -13,7 +13,8 @@ to --results, paired with the baseline of the same data measured in the same run
 logged at steps 5 and 10 (same data and seed: a lever that changes training shows there).
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
-train's defaults; _varied packs chat-like lengths); lora_nogc; qlora_unfused, qlora_nooffload, qlora_noliger,
+train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc (training.gradient_checkpointing: false);
+qlora_unfused, qlora_nooffload, qlora_noliger,
 qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, lora_trlloss, qlora_varied_novarlen (one default
 lever off); baseline_qlora_compile, qlora_compile (each with TRL's `torch_compile: true`; the plain stack's result is
 printed, not recorded); unsloth (with UNSLOTH_SITE naming its packages).
@@ -323,7 +324,7 @@ def run_lora(mode: str, arch: str) -> dict:
     }
     if "qlora" in mode:
         raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
-    if mode == "lora_nogc":
+    if mode.endswith("_nogc"):  # no recomputation: as a recipe with memory to spare may set it
         raw["training"]["gradient_checkpointing"] = False
     # One lever off at a time, to measure what each pays (recipe keys, as a user would turn them off).
     if mode.endswith("_unfused"):
