@@ -14,10 +14,10 @@ logged at steps 5 and 10 (same data and seed: a lever that changes training show
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
 train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc (training.gradient_checkpointing: false);
-qlora_unfused, qlora_nooffload, qlora_noliger,
-qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss, lora_trlloss, qlora_varied_novarlen (one default
-lever off); baseline_qlora_compile, qlora_compile (each with TRL's `torch_compile: true`; the plain stack's result is
-printed, not recorded); unsloth (with UNSLOTH_SITE naming its packages).
+qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
+lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
+`torch_compile: true`; the plain stack's result is printed, not recorded); unsloth (with UNSLOTH_SITE naming its
+packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
