@@ -22,11 +22,13 @@ from lora_cli.recipe import ModelSection, QuantizationSection
 def hide_library_notices() -> None:
     """Notices meant for the libraries' developers, not for someone running lora: deprecations (PEFT 0.21 reads
     transformers' deprecated `is_gradient_checkpointing` each time it attaches an adapter, so `lora generate` and
-    `lora merge` printed a FutureWarning), and bitsandbytes' note, on CPUs with AVX512-BF16, that it could not load
-    an optional kernel from the Hub (its own CPU code runs instead). Stdlib only: the CLI calls it first."""
+    `lora merge` printed a FutureWarning), and, on CPUs with AVX512-BF16, bitsandbytes' note that it could not load
+    an optional kernel from the Hub (its own CPU code runs instead), with the `kernels` package's note, under
+    HF_HUB_OFFLINE, that it skipped that kernel's publisher check. Stdlib only: the CLI calls it first."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for notices in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(notices).setLevel(logging.ERROR)
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:

@@ -3,6 +3,8 @@ the chat loop, and the errors for TARGETs that are not models. The tiny Llama fo
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -104,6 +106,16 @@ def test_adapter_target_and_compare_base(adapter, tiny_llama, capsys):
     assert row["completion"] != row["base"]["completion"]  # the adapter changes the answer
     text = run_cli(["generate", adapter, *ask, "--compare-base"], capsys).out
     assert "--- with the adapter:" in text and "--- base model alone:" in text
+
+
+def test_prints_no_library_notices(adapter):
+    """A user's terminal gets lora's output, not notices meant for the libraries' developers (PEFT reading
+    transformers' deprecated is_gradient_checkpointing when it attaches an adapter, bitsandbytes' optional-kernel
+    note on AVX512-BF16 CPUs): the real command, in a process of its own, so no test setup filters them."""
+    done = subprocess.run([sys.executable, "-m", "lora_cli", "generate", adapter, "-p", "Hi", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "kernels-community" not in done.stderr, done.stderr
 
 
 def test_load_in_4bit_and_qlora_adapters(tiny_llama, tmp_path):
