@@ -147,6 +147,10 @@ def _construct_mapping(loader, node, deep=False):
     seen = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, (list, dict)):  # `[q_proj, v_proj]:` is YAML for a list as a key
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a name, not a list or a mapping", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key '{key}' appears twice (first on line {seen[key] + 1})", key_node.start_mark

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, error_line, run_cli, write_jsonl
@@ -193,6 +193,8 @@ yaml_texts = st.one_of(st.lists(yaml_tokens, max_size=30).map("".join), st.text(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(text=yaml_texts)
+@example(text=" [q_proj, v_proj]:")  # a list as a key (found by this test)
+@example(text="{a: 1}: 2")
 def test_any_text_is_a_recipe_or_a_lora_error(tmp_path, text):
     (tmp_path / "chats.jsonl").write_text('{"text": "hello"}\n')
     path = tmp_path / "random.yaml"
