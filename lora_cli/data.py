@@ -197,7 +197,7 @@ def to_trl_records(rows: Rows, fmt: str, field: str) -> list[dict]:
             if column not in record or record[column] is None:
                 raise LoraError(f"{where}: the {fmt} format needs a '{column}' column; this row has {', '.join(record)}.")
         if fmt == "messages":
-            out.append({"messages": _check_messages(record["messages"], where)})
+            out.append({"messages": _check_conversation(record["messages"], where)})
         elif fmt == "sharegpt":
             turns = record["conversations"]
             if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
@@ -208,7 +208,7 @@ def to_trl_records(rows: Rows, fmt: str, field: str) -> list[dict]:
                 if role is None:
                     raise LoraError(f"{where}: unknown speaker '{turn['from']}' (known: {', '.join(ROLE_ALIASES)}).")
                 messages.append({"role": role, "content": turn["value"]})
-            out.append({"messages": _check_messages(messages, where)})
+            out.append({"messages": _check_conversation(messages, where)})
         elif fmt == "alpaca":
             instruction, extra = str(record["instruction"]), str(record.get("input") or "")
             user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
@@ -236,6 +236,17 @@ def to_trl_records(rows: Rows, fmt: str, field: str) -> list[dict]:
                 raise LoraError(f"{where}: 'text' must be a non-empty string.")
             out.append({"text": text})
     return out
+
+
+def _check_conversation(messages, where: str) -> list[dict]:
+    """A whole conversation: its messages, and something before its last assistant message for that to answer
+    (TRL's prompt-completion path, which conversations take when the chat template cannot mask every turn, fails on
+    an empty prompt with an IndexError)."""
+    clean = _check_messages(messages, where)
+    if max(i for i, m in enumerate(clean) if m["role"] == "assistant") == 0:
+        raise LoraError(f"{where}: the conversation's only assistant message comes first, with nothing before it to "
+                        "answer; check that the user and assistant roles are not swapped.")
+    return clean
 
 
 def _check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:

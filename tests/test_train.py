@@ -138,6 +138,9 @@ def test_unknown_target_module_lists_the_real_ones(tmp_path, tiny_llama, chats):
         ('{"question": "a", "answer": "b"}\n', ["cannot tell the format", "answer, question"]),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', ["line 1", "no assistant message"]),
         ('{"messages": [{"role": "pirate", "content": "hi"}]}\n', ["line 1", "role 'pirate'"]),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+         '{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}\n',
+         ["line 2", "only assistant message comes first", "roles are not swapped"]),
         ("\n\n", ["has no examples"]),
     ],
 )
