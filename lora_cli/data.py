@@ -274,6 +274,7 @@ class PreparedData:
     format: str
     assistant_only_loss: bool  # True: TRL masks by generation markers; False: by prompt/completion or nothing
     chat_template_note: str
+    chat_template_source: str  # which chat template is used, for its errors
 
 
 def load_data(data_section) -> tuple[list[dict], list[dict] | None, str]:
@@ -292,14 +293,15 @@ def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) 
     """Attach a chat template, choose how the loss is masked, and build the datasets TRL takes."""
     import datasets
 
-    note = ""
+    note, source = "", "the model's chat template (model.name_or_path)"
     conversational = "messages" in train[0] or isinstance(train[0].get("prompt"), list)
     if data_section.chat_template:
         tokenizer.chat_template = _read_template(data_section.chat_template)
-        note = "chat template: from data.chat_template"
+        note, source = "chat template: from data.chat_template", "data.chat_template"
     elif conversational and not tokenizer.chat_template:
         tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
         note = "chat template: the tokenizer has none, so lora's simple '### User:/### Assistant:' template is used"
+        source = "lora's simple chat template"
 
     assistant_only = False
     if "messages" in train[0]:
@@ -320,7 +322,7 @@ def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) 
         if len(split["test"]) == 0 or len(split["train"]) == 0:
             raise LoraError(f"data.eval: holding out {data_section.eval} of {len(train_set)} examples leaves a split empty.")
         train_set, eval_set = split["train"], split["test"]
-    return PreparedData(train_set, eval_set, fmt, assistant_only, note)
+    return PreparedData(train_set, eval_set, fmt, assistant_only, note, source)
 
 
 def _read_template(value: str) -> str:

@@ -216,6 +216,7 @@ def sft_config(recipe, out: Path, assistant_only_loss: bool, model):
 
 
 def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, callbacks=()):
+    import jinja2
     from trl import SFTTrainer
 
     from lora_cli.reporting import ProgressAndMetrics
@@ -232,6 +233,8 @@ def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, call
         )
     except ValueError as e:  # TRL's checks of option combinations, phrased for users already
         raise LoraError(f"training: {' '.join(str(e).split())}") from None
+    except jinja2.TemplateError as e:  # TRL applies the chat template to every example here
+        raise LoraError(template_error(e, prepared.chat_template_source)) from None
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; our progress bar shows them
     trainer.remove_callback(ProgressCallback)
     if getattr(model, "is_loaded_in_4bit", False) and not has_accelerator():
@@ -240,6 +243,16 @@ def build_trainer(model, tokenizer, args, prepared, peft_config, out: Path, call
             if param.requires_grad:
                 param.data = param.data.float()
     return trainer
+
+
+def template_error(error, source: str) -> str:
+    import jinja2
+
+    message = " ".join(str(error.message or error).split()).rstrip(".")
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"{source} cannot be read: {message} (template line {error.lineno})."
+    return (f"{source} failed on the training data: {message}. Check that the conversations have the roles and "
+            "order this template expects, or set data.chat_template.")
 
 
 class StopOnNonFiniteWeights(TrainerCallback):

@@ -118,6 +118,18 @@ def test_multi_turn_with_generation_markers_trains_every_assistant_turn(tmp_path
     assert example.count("⟦") == 2 and "⟦first" in example and "⟦second" in example
 
 
+@pytest.mark.parametrize("template, fragments", [
+    ("{{ broken", ["data.chat_template cannot be read", "template line 1"]),
+    ("{% if messages[0].role != 'system' %}{{ raise_exception('the first message must be the system prompt') }}"
+     "{% endif %}", ["data.chat_template failed on the training data", "the first message must be the system prompt"]),
+], ids=["syntax", "raised"])
+def test_a_chat_template_that_fails_is_a_lora_error(tmp_path, tiny_llama, chats, template, fragments):
+    recipe = recipe_for(tmp_path, tiny_llama, chats, data={"train": str(chats), "chat_template": template})
+    with pytest.raises(LoraError) as error:
+        train(recipe, dry_run=True)
+    assert all(fragment in str(error.value) for fragment in fragments), error.value
+
+
 def test_truncation_that_removes_every_eos_is_refused(tmp_path, tiny_llama, chats):
     recipe = recipe_for(tmp_path, tiny_llama, chats, training={"max_length": 40})
     with pytest.raises(LoraError, match="never learn to stop.*max_length=40"):
