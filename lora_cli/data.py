@@ -37,6 +37,7 @@ SIMPLE_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
 )
+TEXT_ENCODING = "utf-8-sig"  # UTF-8, accepting the byte-order mark Windows editors and spreadsheet exports write
 AUDIT_SAMPLE = 2000  # examples tokenized for the audit; enough for the spread, quick on a large set
 
 
@@ -77,7 +78,7 @@ def read_rows(spec: str, field: str) -> Rows:
 
 def _read_jsonl(path: Path, field: str):
     records, numbers = [], []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding=TEXT_ENCODING) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -94,7 +95,7 @@ def _read_jsonl(path: Path, field: str):
 
 def _read_json(path: Path, field: str):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=TEXT_ENCODING))
     except json.JSONDecodeError as e:
         raise LoraError(f"{field}: {path}, line {e.lineno}, column {e.colno}: not valid JSON ({e.msg}).") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -106,7 +107,7 @@ def _read_json(path: Path, field: str):
 
 def _read_csv(path: Path, field: str):
     records, numbers = [], []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding=TEXT_ENCODING, newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for record in reader:
@@ -136,7 +137,7 @@ def _read_parquet(path: Path, field: str):
 
 def _read_text(path: Path, field: str):
     records, numbers = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding=TEXT_ENCODING).splitlines(), start=1):
         if line.strip():
             records.append({"text": line})
             numbers.append(number)

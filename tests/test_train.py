@@ -168,6 +168,22 @@ def test_bad_data_is_reported_with_its_line(tmp_path, tiny_llama, capsys, conten
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, content", [
+    ("chats.jsonl", '{"text": "hello world"}\n{"text": "again"}\n'),
+    ("chats.csv", "text\nhello world\nagain\n"),
+    ("chats.txt", "hello world\nagain\n"),
+])
+def test_files_with_a_byte_order_mark_read_as_without(tmp_path, name, content):
+    """Windows editors and spreadsheet exports start UTF-8 files with a byte-order mark: the data are the same."""
+    from lora_cli.data import load_data
+    from lora_cli.recipe import DataSection
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode())
+    records, _, fmt = load_data(DataSection(train=str(path)))
+    assert fmt == "text" and [r["text"] for r in records] == ["hello world", "again"]
+
+
 def test_explicit_format_needs_its_columns(tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x"}])
     recipe = recipe_for(tmp_path, tiny_llama, data, data={"train": str(data), "format": "alpaca"})
