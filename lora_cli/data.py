@@ -331,7 +331,7 @@ def _read_template(value: str) -> str:
     if path.suffix in (".jinja", ".j2") or (len(value) < 256 and path.is_file()):
         if not path.is_file():
             raise LoraError(f"data.chat_template: the file '{value}' does not exist.")
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding=TEXT_ENCODING)
     if "{%" not in value and "{{" not in value:
         raise LoraError("data.chat_template: give a Jinja template (containing {% or {{) or a .jinja file path.")
     return value

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.data import TEXT_ENCODING
 from lora_cli.embedded import EMBEDDED_NAME
 from lora_cli.errors import LoraError
 from lora_cli.models import (
@@ -169,7 +170,7 @@ def read_prompts(prompts=(), prompts_file=None) -> list[Prompt]:
 def _read_prompts_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise LoraError(f"--prompts-file: '{path}' does not exist.")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding=TEXT_ENCODING)
     if text.lstrip().startswith("["):  # a JSON array of rows rather than JSON lines
         try:
             rows = json.loads(text)

@@ -108,6 +108,15 @@ def test_adapter_target_and_compare_base(adapter, tiny_llama, capsys):
     assert "--- with the adapter:" in text and "--- base model alone:" in text
 
 
+def test_a_prompts_file_with_a_byte_order_mark(tiny_llama, tmp_path, capsys):
+    """The mark a Windows editor writes first is not part of the first prompt."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xef\xbb\xbfHi there\nAnd again\n")
+    result = run_cli(["generate", tiny_llama, "--prompts-file", prompts, "--max-new-tokens", "2", "--json"], capsys)
+    assert result.code == 0, result.err
+    assert [row["prompt"] for row in json_rows(result.out)] == ["Hi there", "And again"]
+
+
 def test_prints_no_library_notices(adapter):
     """A user's terminal gets lora's output, not notices meant for the libraries' developers (PEFT reading
     transformers' deprecated is_gradient_checkpointing when it attaches an adapter, bitsandbytes' optional-kernel
