@@ -1,4 +1,4 @@
-"""Tile sizes of fused_mlp's Triton kernels (gated_kernels.py; fused_mlp.FORWARD_TILE and BACKWARD_TILE): time
+"""Tile sizes of fused_mlp's Triton kernels (gated.py; fused_mlp.FORWARD_TILE and BACKWARD_TILE): time
 of the forward and backward kernels, and the memory bandwidth they reach, for the Llama-3.1-8B MLP shape at batch
 2 x 2048 tokens, r=16, bf16. On a GPU:
 
@@ -6,16 +6,16 @@ of the forward and backward kernels, and the memory bandwidth they reach, for th
 
 Both kernels are memory-bound (the forward reads two N x intermediate projections and writes one, the backward
 reads three and writes two), so the figure to compare is GB/s against the GPU's (H100 SXM: 3,350 GB/s; H200: 4,800
-by the datasheet). The NF4 dequantization's program size is swept too (kernels.NF4_TILE).
+by the datasheet). The NF4 dequantization's program size is swept too (kernels/nf4.NF4_TILE).
 """
 
 import itertools
 
 import torch
 
-from lora_cli import gated_kernels
-from lora_cli.fused_mlp import launch_gated_kernel
-from lora_cli.kernels import dequantize_nf4
+from lora_cli.speed.fused_mlp import launch_gated_kernel
+from lora_cli.speed.kernels import gated
+from lora_cli.speed.kernels.nf4 import dequantize_nf4
 
 ROWS, COLS, RANK = 4096, 14336, 16
 
@@ -45,10 +45,10 @@ def gated_mlp_tiles() -> None:
             continue
         tile = block_rows, block_cols, warps
         forward = milliseconds(
-            lambda: launch_gated_kernel(gated_kernels.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
+            lambda: launch_gated_kernel(gated.forward_kernel, tile, *tensors, (2.0, 2.0), hidden))
         # The backward writes gradients over the projections it reads: values change, the memory traffic does not.
         backward = milliseconds(
-            lambda: launch_gated_kernel(gated_kernels.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
+            lambda: launch_gated_kernel(gated.backward_kernel, tile, *tensors, (2.0, 2.0), grad))
         print(f"{block_rows:>4} {block_cols:>4} {warps:>5}  {forward:>10.3f} {3 * size / forward / 1e6:>6.0f}  "
               f"{backward:>11.3f} {5 * size / backward / 1e6:>6.0f}", flush=True)
 

@@ -31,6 +31,7 @@ from transformers import TrainerCallback
 from lora_cli.errors import LoraError
 from lora_cli.recipe import SpeedSection
 
+CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, inside its output folder
 MARKER = "lora_complete.json"
 PREFIX = "checkpoint-"
 # Settings that change how a run is watched or stored, not what it learns: --resume accepts a change to these.
@@ -40,7 +41,7 @@ RESUME_MAY_DIFFER = (
     "output_dir", "training.logging_steps", "training.logging_first_step", "training.save_steps",
     "training.save_total_limit", "training.report_to", "training.run_name", "training.disable_tqdm",
     "training.eval_steps", "training.per_device_eval_batch_size", "training.dataloader_num_workers",
-    # The speed section says how a step is computed, not what it computes (tests/test_kernels.py): switching a
+    # The speed section says how a step is computed, not what it computes (tests/speed/): switching a
     # lever may speed a resume up.
     *(f"speed.{field.name}" for field in dataclasses.fields(SpeedSection)),
 )

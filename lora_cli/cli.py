@@ -171,7 +171,7 @@ def inspect_params(
     """Exact trainable-parameter counts and a memory plan, without downloading weights."""
     import json
 
-    from lora_cli import inspect as inspection
+    from lora_cli import inspect_params as inspection
 
     options = {"ranks": r, "target": target, "alpha": alpha, "dora": dora, "rslora": rslora, "dropout": dropout,
                "seq_len": seq_len, "batch_size": batch_size}

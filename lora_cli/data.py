@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import LoraError, first_line
+from lora_cli.models import end_of_turn_id
 
 ROLE_ALIASES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -358,8 +359,6 @@ def _last_turn_as_completion(record: dict) -> dict:
 
 def end_of_turn_ids(tokenizer) -> set[int]:
     """The EOS token and the special token that closes an assistant turn in the chat template."""
-    from lora_cli.models import end_of_turn_id
-
     return {i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None}
 
 
@@ -464,3 +463,13 @@ def format_audit(report: dict) -> str:
 
 def _shorten(text: str, limit: int = 1500) -> str:
     return text if len(text) <= limit else f"{text[: limit // 2]} [... {len(text) - limit} characters ...] {text[-limit // 2:]}"
+
+
+def template_error(error, source: str) -> str:
+    import jinja2
+
+    message = " ".join(str(error.message or error).split()).rstrip(".")
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return f"{source} cannot be read: {message} (template line {error.lineno})."
+    return (f"{source} failed on the training data: {message}. Check that the conversations have the roles and "
+            "order this template expects, or set data.chat_template.")

@@ -218,16 +218,16 @@ def is_adapter_folder(path) -> bool:
 
 def not_an_adapter(folder: Path) -> str:
     """Why a folder without adapter_config.json is not an adapter, and what the user may have meant."""
-    from lora_cli.checkpoints import checkpoint_folders, complete_checkpoints
+    from lora_cli.checkpoints import CHECKPOINTS, checkpoint_folders, complete_checkpoints  # imports transformers
 
     # Only checkpoints written completely are offered: a kill mid-save leaves one that must not be used.
-    checkpoints = [*complete_checkpoints(folder), *complete_checkpoints(folder / "checkpoints")]
+    checkpoints = [*complete_checkpoints(folder), *complete_checkpoints(folder / CHECKPOINTS)]
     if checkpoints:
         return (
             f"'{folder}' has no {ADAPTER_CONFIG}, so training did not finish there; "
             f"its newest complete checkpoint is an adapter: {checkpoints[-1]}"
         )
-    if checkpoint_folders(folder) or checkpoint_folders(folder / "checkpoints"):
+    if checkpoint_folders(folder) or checkpoint_folders(folder / CHECKPOINTS):
         return (
             f"'{folder}' has no {ADAPTER_CONFIG}, so training did not finish there, and none of its checkpoints "
             "was written completely (the run stopped while saving); train again."

@@ -85,7 +85,7 @@ TRAINING_RESERVED = {"output_dir": "output_dir (top level)", "model_init_kwargs"
 
 @dataclass
 class SpeedSection:
-    """lora's own GPU speed levers (lora_cli/kernels.py); the libraries' levers are training keys."""
+    """lora's own GPU speed levers (lora_cli/speed/); the libraries' levers are training keys."""
 
     fused_lora: bool = True  # one autograd function per LoRA layer instead of PEFT's chain of kernels
     fused_mlp: bool = True  # with fused_lora: gate, up, SwiGLU (down too), their adapters in one function

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from lora_cli.checkpoints import write_atomically
+
 
 class ProgressAndMetrics(TrainerCallback):
     """A progress bar with loss, learning rate, tokens/s and ETA; every log line appended to metrics.jsonl."""
@@ -93,8 +95,6 @@ def drop_metrics_after(path: Path, step: int) -> None:
     """On resume, forget the records of steps after the checkpoint: those steps are trained (and logged) again."""
     if not path.is_file():
         return
-    from lora_cli.checkpoints import write_atomically
-
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 

@@ -223,14 +223,14 @@ def test_fused_lora_layers_train_the_same_adapter_as_peft(tmp_path, tiny_llama, 
     """lora train's default path (fused layers and MLPs) against `speed.fused_lora: false` (PEFT's forward): the
     same adapter.
 
-    Without dropout, so both draw nothing random; tests/test_kernels.py checks the dropout masks. In float32 on any
+    Without dropout, so both draw nothing random; tests/speed/test_lora_linear.py checks the dropout masks. In float32 on any
     device: in bf16 the two round differently, and Adam turns a near-zero gradient's sign into a full step."""
     if quantized and torch.cuda.is_available():
-        pytest.skip("TRL keeps QLoRA adapters in bf16 on GPUs; test_kernels.py compares the fused layers there")
+        pytest.skip("TRL keeps QLoRA adapters in bf16 on GPUs; tests/speed/ compares the fused layers there")
     quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if quantized else None
     from transformers import TrainerCallback
 
-    from lora_cli.fused_mlp import fused_mlp_forward
+    from lora_cli.speed.fused_mlp import fused_mlp_forward
 
     class WatchMLPs(TrainerCallback):  # which forward the MLPs run in training (Liger's, set by the Trainer, or ours)
         def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora_cli.inspect import format_memory_plan, memory_plan, registry_config
+from lora_cli.adapters import lora_parameter_count
+from lora_cli.inspect_params import registry_config
+from lora_cli.memory import format_memory_plan, memory_plan
 from lora_cli.recipe import LoraSection
-from lora_cli.speed import choose_checkpointing, lora_parameter_count
+from lora_cli.speed.policy import choose_checkpointing
 
 GIB = 2**30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -8,7 +8,7 @@ pinned memory, below). The memory freed pays for what the fused MLP keeps betwee
 
 Used for an embedding that is frozen and not tied to the LM head (which the loss reads whole every step), on one
 GPU. When training ends the matrix goes back to the GPU, so the model is as it was loaded for what follows (saving,
-merging, generating). tests/test_kernels.py checks that it gives the same loss and gradients.
+merging, generating). tests/speed/test_host_embedding.py checks that it gives the same loss and gradients.
 """
 
 import torch

@@ -3,29 +3,30 @@
 Why: with activation checkpointing a layer's backward first reruns its forward. In a QLoRA step the attention half
 of that rerun (the q, k, v and o projections with their NF4 dequantization and adapters, RoPE and the attention
 kernel) was about 0.9 ms a layer on an H100 for the Llama-3.1-8B shape at 4,096 tokens: about 29 ms of a 363 ms
-step (an estimate from the GPU profile `benchmarks/results/2026-11-23-h100-profile-421bec1.txt`). What its
+step (an estimate from the GPU profile of `BENCH_PROFILE=cuda python benchmarks/speed.py --modes qlora`). What its
 backward reads (q and k after RoPE, v, the attention output and its log-sum-exp: about 80 MB a layer there) fits
 through the host link beside the layer input, and there is no GPU memory to keep it instead.
 
-How: in the checkpointed forward (kernels.OffloadedCheckpoint, run without autograd) the attention module runs with
-autograd on, and every tensor its backward saves goes to pinned host memory on the side stream through saved-tensor
-hooks; its output goes there too. The rerun does not run the module: `AttentionReplay` hands out the output,
-brought back one layer ahead (kernels.HostOffloader), and its backward runs the saved autograd graph, whose tensors
-come back on the side stream while the layer's MLP reruns. The graph is the libraries' own (the fused LoRA layers,
+How: in the checkpointed forward (checkpointing.OffloadedCheckpoint, run without autograd) the attention module runs
+with autograd on, and every tensor its backward saves goes to pinned host memory on the side stream through
+saved-tensor hooks; its output goes there too. The rerun does not run the module: `AttentionReplay` hands out the
+output, brought back one layer ahead (checkpointing.HostOffloader), and its backward runs the saved autograd graph,
+whose tensors come back on the side stream while the layer's MLP reruns. The graph is the libraries' own (the fused LoRA layers,
 Liger's or transformers' RoPE, SDPA or varlen attention), so the gradients are the ones recomputation gives.
 
 A layer keeps a saved forward per call signature and its pinned host buffers, shared by size, reused every step,
-so CUDA graphs (graphs.py) capture the copies as well. Used where kernels.py fuses all four projections (PEFT's 4-bit path keeps its input outside the hooks'
-reach) and nothing in the attention draws random numbers (LoRA dropout 0: the rerun would skip the draws and shift
-the MLP's dropout masks); other layers recompute as before. tests/test_kernels.py checks loss and gradients
-against recomputation.
+so CUDA graphs (cuda_graphs.py) capture the copies as well. Used where lora_linear.py fuses all four projections
+(PEFT's 4-bit path keeps its input outside the hooks' reach) and nothing in the attention draws random numbers (LoRA
+dropout 0: the rerun would skip the draws and shift the MLP's dropout masks); other layers recompute as before.
+tests/speed/test_offloaded_attention.py checks loss and gradients against recomputation.
 """
 
 import collections
 
 import torch
 
-from lora_cli.graphs import MAX_SHAPES, Unsupported
+from lora_cli.speed.cuda_graphs import MAX_SHAPES, Unsupported
+from lora_cli.speed.recomputation import Recomputation
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -256,7 +257,7 @@ def _storages(value, found: set) -> set:
 
 
 class AttentionSaver:
-    """The saved forwards of one attention module, one per layer call signature (graphs.call_signature), and the
+    """The saved forwards of one attention module, one per layer call signature (cuda_graphs.call_signature), and the
     pinned host buffers they use.
 
     The buffers are shared by size: packed rows change their sequence count from batch to batch, so their calls
@@ -342,8 +343,6 @@ class AttentionSaver:
 
 def offloaded_attention_forward(self, hidden_states, *args, **kwargs):
     """Replaces an attention module's forward while training with offloaded checkpointing."""
-    from lora_cli.kernels import Recomputation
-
     saver = self.attention_saver
     if saver is None:
         return self.unsaved_forward(hidden_states, *args, **kwargs)

@@ -9,14 +9,8 @@ from conftest import run_cli, write_jsonl
 
 from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError
-from lora_cli.inspect import (
-    GIB,
-    build_meta_model,
-    format_report,
-    inspect_params,
-    memory_plan,
-    registry_config,
-)
+from lora_cli.inspect_params import format_report, inspect_params, registry_config
+from lora_cli.memory import GIB, build_meta_model, memory_plan
 
 GPT2_PEFT_LINE = "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
 LLAMA_31_8B_ALL_LINEAR_R16 = 41_943_040
@@ -213,7 +207,7 @@ def test_recipe_inspects_its_model_lora_and_training_shape(tmp_path, capsys):
     assert qlora_on.endswith("<- recipe") and "r=16" in text
 
 
-# Peaks of torch.cuda.max_memory_allocated measured on an H100 (shared/gpu/README.md): the Llama-3.1-8B shape,
+# Peaks of torch.cuda.max_memory_allocated measured on an H100 (`python benchmarks/speed.py --modes baseline_*`): the Llama-3.1-8B shape,
 # LoRA r=16 on all linear modules, batch 2 x 2048, TRL SFTTrainer defaults, random bf16 weights.
 MEASURED = [("qlora", True, 7.57), ("lora", True, 17.81), ("lora", False, 42.60)]
 # More peaks measured the same way (docs/inspect-params.md), on shapes and settings the formula was not built on:

@@ -5,15 +5,15 @@ recomputes the logits, so the LM head's weight goes through three matmuls, and t
 GPU several times (which positions have a label, the entropy and accuracy metrics, the token count), each a sync
 that leaves the GPU idle while Python catches up. Liger's fused linear cross-entropy computes the loss and its
 gradient in the forward pass, two matmuls over row chunks of the full vocabulary. On an H100 (Llama-3.1-8B shape,
-QLoRA, 4,096 tokens a step; GPU traces `benchmarks/results/2026-11-23-h100-trace-qlora-{trl,fused}-loss.json.gz`,
-read with benchmarks/trace_timeline.py) the LM head's matmuls went from 17.0 to 11.3 ms a step and the step ran
+QLoRA, 4,096 tokens a step; GPU traces of `BENCH_TRACE_DIR=... python benchmarks/speed.py --modes
+qlora,qlora_trlloss`, read with benchmarks/trace_timeline.py) the LM head's matmuls went from 17.0 to 11.3 ms a step and the step ran
 2.2% and 3.5% faster in two runs (`--modes qlora,qlora_trlloss`). TRL refuses Liger's model patch (it replaces the
 model's forward, which TRL patches itself), so this runs from the trainer's compute_loss.
 
 Liger's function itself still syncs twice a step: its forward reads the label count back (`.item()`, for a mean
-this loss does not take) and its backward compares the incoming gradient with 1.0 (`torch.equal`). In the session-9
-GPU trace (2026-11-23-h100-trace-qlora-session9.json.gz) the GPU idled 0.6 ms before the loss and 2.4 ms between
-the loss and the first layer's backward while the host caught up. So `LinearCrossEntropy` below runs Liger's chunk
+this loss does not take) and its backward compares the incoming gradient with 1.0 (`torch.equal`). In a GPU trace
+of the QLoRA step (same command) the GPU idled 0.6 ms before the loss and 2.4 ms between the loss and the first
+layer's backward while the host caught up. So `LinearCrossEntropy` below runs Liger's chunk
 loop for this one case (summed loss, frozen LM head without bias, no label smoothing or soft-capping) with its
 cross-entropy kernel and no read-back.
 
@@ -22,7 +22,7 @@ as TRL's fused head does, and divides the summed loss by the token count TRL div
 kernel computes it) and the token count stay on the GPU until a step logs. Entropy is not logged.
 Used on one GPU (DDP and FSDP wrap the model's forward, which this bypasses), for the plain NLL loss of an LM head
 without bias, scaling or soft-capping; anything else goes through TRL's own compute_loss. tests/test_train.py
-checks that it trains TRL's adapter, tests/test_kernels.py the loss and gradient against torch's.
+checks that it trains TRL's adapter, tests/speed/test_fused_loss.py the loss and gradient against torch's.
 """
 
 import functools

@@ -1,15 +1,16 @@
 """Padding-free packing (training.packing: true) is not faster by being wrong: the packed batch's loss equals the
 loss of the same sequences run one by one, so no token attends across a sequence boundary.
 
-lora_varlen is kernels.varlen_attention (varlen flash attention for packed rows on a GPU); on the CPU it runs
-SDPA, so there the test checks that switching it on changes nothing; on a GPU it checks the varlen kernel."""
+lora_varlen is lora_cli/speed/varlen.py's varlen_attention (varlen flash attention for packed rows on a GPU); on the
+CPU it runs SDPA, so there the test checks that switching it on changes nothing; on a GPU it checks the varlen
+kernel."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from lora_cli.kernels import FixedShapePackedBatches, use_varlen_attention
+from lora_cli.speed.varlen import FixedShapePackedBatches, use_varlen_attention
 
 CASES = [("sdpa", "cpu"), ("eager", "cpu"), ("lora_varlen", "cpu")]
 if torch.cuda.is_available():

@@ -18,8 +18,8 @@ eager recomputation does.
 
 Used only where that is safe: a single process (no DDP, FSDP or DeepSpeed, whose hooks run inside the backward),
 layer inputs and keyword arguments that are tensors, tuples of tensors or plain values. Packed rows change their
-length and sequence bounds every batch; kernels.FixedShapePackedBatches pads them to a few shapes first. When a capture fails, the run goes on without
-graphs and says why. Off with `speed.cuda_graphs: false`.
+length and sequence bounds every batch; varlen.FixedShapePackedBatches pads them to a few shapes first. When a
+capture fails, the run goes on without graphs and says why. Off with `speed.cuda_graphs: false`.
 """
 
 import functools

@@ -1,6 +1,6 @@
 """A Llama-style MLP's projections, their adapters and SwiGLU in one autograd function.
 
-Why: with kernels.LoraLinear, each adapted projection adds its adapter's product into its full-size output
+Why: with lora_linear.LoraLinear, each adapted projection adds its adapter's product into its full-size output
 (`out.addmm_`, a read and a write of N x intermediate values), and SwiGLU then reads both outputs again. For the
 Llama-3.1-8B QLoRA step on an H100 those adapter adds were 21 ms of the step's 388 ms of GPU time
 (`BENCH_PROFILE=cuda python benchmarks/speed.py --modes qlora`, the `*_badd_*` kernels), the gate and up ones
@@ -12,9 +12,9 @@ adapter has no dropout, down_proj runs inside the same function (LoraSwiGLUMLP, 
 LoraGatedMLP stops at SwiGLU and down_proj stays a fused LoRA layer.
 
 Used while training, for the architectures whose MLP is `down_proj(silu(gate_proj(x)) * up_proj(x))` without
-biases, when gate_proj and up_proj are fused LoRA layers (kernels.fuse_lora_layers) of the same adapter.
+biases, when gate_proj and up_proj are fused LoRA layers (lora_linear.fuse_lora_layers) of the same adapter.
 On a CPU, or without Triton, the same arithmetic runs as torch operations. Off with `speed.fused_mlp: false`;
-tests/test_kernels.py checks loss and gradients against the unfused layers.
+tests/speed/test_fused_mlp.py checks loss and gradients against the unfused layers.
 """
 
 import functools
@@ -22,8 +22,10 @@ import types
 
 import torch
 
-from lora_cli.kernels import (LLAMA_STYLE_MODEL_TYPES, Recomputation, active_fused_adapter, add_adapter_input_grad,
-                              base_weight, compute_dtype, dropped_input, output_is_read, scaled_as, triton_available)
+from lora_cli.speed.kernels import triton_available
+from lora_cli.speed.lora_linear import (active_fused_adapter, add_adapter_input_grad, base_weight, compute_dtype,
+                                        dropped_input, scaled_as)
+from lora_cli.speed.recomputation import LLAMA_STYLE_MODEL_TYPES, Recomputation, output_is_read
 
 
 class LoraGatedMLP(torch.autograd.Function):
@@ -56,7 +58,7 @@ class LoraSwiGLUMLP(torch.autograd.Function):
 
     Why down_proj inside: its backward needs the SwiGLU output h (I columns) only for its adapter's gradients, and
     the SwiGLU backward kernel can rebuild h from what it reads anyway. So h is not saved (nor made at all by a lean
-    rerun, kernels.py), and the kernel also adds down_proj's adapter term to the gradient at h, which
+    rerun, recomputation.py), and the kernel also adds down_proj's adapter term to the gradient at h, which
     LoraLinear adds in a pass of its own over that gradient. For the Llama-3.1-8B QLoRA step on an H100 the rerun's
     SwiGLU kernel and that add took 140 and 118 us a layer (`BENCH_PROFILE=cuda BENCH_TRACE_DIR=...
     python benchmarks/speed.py --modes qlora`), and h was 112 MiB of the step's peak memory.
@@ -230,9 +232,9 @@ FORWARD_TILE, BACKWARD_TILE = (32, 64, 8), (32, 128, 4)
 
 @functools.cache
 def _kernels():
-    from lora_cli import gated_kernels  # imports triton, which a CPU install may lack
+    from lora_cli.speed.kernels import gated  # imports triton, which a CPU install may lack
 
-    return gated_kernels.forward_kernel, gated_kernels.backward_kernel
+    return gated.forward_kernel, gated.backward_kernel
 
 
 def launch_gated_kernel(kernel, tile, gate_out, up_out, p_gate, b_gate, p_up, b_up, scales, last, down=None):

@@ -1,0 +1,64 @@
+"""PEFT's LoraConfig from the recipe's lora section, and what it targets in a model: its linear layers' names and
+the adapter's size. Shared by training, the memory plan and inspect-params; imports nothing above errors.py.
+"""
+
+import torch
+from peft import LoraConfig
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+from lora_cli.errors import LoraError
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (what target_modules matches), lm_head excluded."""
+    names = set()
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            names.add(name.split(".")[-1])
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def lora_config(section, model):
+    """PEFT's LoraConfig from the recipe, with target modules checked against the loaded model."""
+    available = linear_module_names(model)
+    targets = section.target_modules
+    model_type = model.config.model_type
+    if targets is None and model_type not in DEFAULT_TARGETS:
+        raise LoraError(
+            f"lora.target_modules: PEFT has no default target modules for the '{model_type}' architecture; "
+            f"set lora.target_modules to all-linear or a list from the model's linear layers: {', '.join(available)}."
+        )
+    if isinstance(targets, list):
+        missing = [t for t in targets if t not in available]
+        if missing:
+            raise LoraError(
+                f"lora.target_modules: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a linear "
+                f"layer of this model. Its linear layers are: {', '.join(available)} (or write all-linear)."
+            )
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        bias=section.bias,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        modules_to_save=section.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def lora_parameter_count(model, lora_section) -> int:
+    """r x (in + out) for every targeted linear layer: the adapter size, before PEFT wraps the model."""
+    targets = lora_section.target_modules
+    total = 0
+    for name, module in model.named_modules():
+        in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if in_features is None or name.endswith("lm_head"):
+            continue
+        last = name.split(".")[-1]
+        if targets == "all-linear" or (isinstance(targets, list) and last in targets):
+            total += lora_section.r * (in_features + out_features)
+    return total

@@ -1,0 +1,376 @@
+"""The memory model: GPU memory of one LoRA, QLoRA or full fine-tuning step, from a model's config alone.
+
+Why our own code: no library estimates the peak of a LoRA training step. It models
+`torch.cuda.max_memory_allocated` during a step of TRL's SFTTrainer (bf16 autocast, AdamW, SDPA attention,
+TRL's chunked LM head, which never materialises the logits), for T = batch_size x seq_len tokens:
+
+  weights      bf16, 2 bytes a parameter. QLoRA: the decoder's Linear weights in NF4 with double quantization,
+               0.5 + 1/64 + 4/(64*256) bytes (4-bit codes, an 8-bit absmax per 64 weights, an fp32 absmax per
+               256 blocks), the rest bf16. Full fine-tuning: fp32 master weights, 4 bytes.
+  LoRA params  trainable x 4 bytes for LoRA (PEFT upcasts adapters to fp32), x 2 for QLoRA (TRL casts them to
+               bf16); gradients as much again; AdamW's two moments in the parameter's dtype.
+  activations  what autograd keeps per layer and token: 4 bytes per normalised element (norms keep an fp32
+               input), SDPA's q, k, v and output, the MLP activation's input and the two factors of its gate,
+               the input of each trained module (one bf16 copy per module when the adapter is fp32 or LoRA
+               dropout is on, else one per shared input), LoRA's r-wide intermediate, dropout masks. With
+               gradient checkpointing each layer keeps only its input and one layer is recomputed at a time.
+  buffers      one layer's backward working set (three intermediate-width gradients, the fp32 gradient of an
+               upcast input, a dequantized weight for QLoRA), the LM head's tile (min(T, 4096) x
+               min(vocab, 32768) x 2 bytes) and fp32 hidden-state gradient, the bf16 copies autocast makes of
+               fp32 trainable weights, and two 32 MiB cuBLAS workspaces.
+  peak         the largest of three moments: the LM head at the end of the forward pass, the backward pass of
+               the last layer, the end of the backward pass (all gradients, for full fine-tuning).
+  device       peak x (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES: what to have free on the GPU.
+
+Every term is counted from what the libraries allocate, not fitted. Against the three peaks measured for the
+Llama-3.1-8B shape on an H100 (the plain stack, `python benchmarks/speed.py --modes baseline_*`) it gives 7.86 / 7.57, 18.05 / 17.81 and 42.83 / 42.60 GiB
+(+3.8%, +1.4%, +0.5%), and it is within 10% of eleven more measured runs; docs/inspect-params.md has the tables.
+
+Public functions:
+  memory_plan(config, lora_trainable, seq_len=2048, batch_size=1, lora_modules=None, rank=16, dropout=0.0,
+              dora=False) -> dict
+      config: a transformers config (model.config); lora_trainable: the trainable parameter count;
+      lora_modules: target module names as in a recipe, "all-linear", or None for PEFT's default.
+      Rows for full / LoRA / QLoRA with checkpointing on and off, in bytes.
+  format_memory_plan(plan, highlight=None) -> str     highlight=("qlora", True) marks a row.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+from transformers import AutoModelForCausalLM
+
+from lora_cli.errors import LoraError, first_line
+
+GIB = 2**30
+MIB = 2**20
+NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+CUBLAS_WORKSPACES = 64 * MIB  # 32 MiB per cuBLAS handle on Hopper, one for the forward and one for autograd's thread
+CUDA_CONTEXT_BYTES = int(1.35 * GIB)  # measured on an H100 (torch 2.11, CUDA 13, bitsandbytes loaded)
+ALLOCATOR_SLACK = 0.10  # reserved over allocated: 2-14% measured, the most on the smallest models
+LM_HEAD_TOKEN_TILE = 4096  # TRL's chunked log-prob kernel: tokens per tile
+LM_HEAD_VOCAB_TILE = 32768  # and vocabulary entries per tile
+OUTPUT_PROJECTIONS = {"o_proj", "out_proj", "dense", "c_proj", "wo", "down_proj", "fc2", "w2", "dense_4h_to_h"}
+# Activation functions written as several tensor ops in Python keep that many intermediates for backward.
+ACTIVATION_SAVED = {"gelu_new": 4, "gelu_fast": 4, "quick_gelu": 2}
+METHODS = ("full", "lora", "qlora")
+METHOD_NAMES = {"full": "full (fp32 + AdamW)", "lora": "LoRA (bf16)", "qlora": "QLoRA (NF4 + DQ)"}
+
+
+@dataclass
+class LayerModule:
+    path: str  # relative to the decoder layer: self_attn.q_proj
+    in_features: int
+    out_features: int
+
+    @property
+    def parent(self) -> str:
+        return self.path.rpartition(".")[0]
+
+    @property
+    def leaf(self) -> str:
+        return self.path.rpartition(".")[2]
+
+    @property
+    def role(self) -> str:
+        parent = self.parent.lower()
+        return "attention" if "attn" in parent or "attention" in parent else "mlp"
+
+    @property
+    def is_output(self) -> bool:
+        return self.leaf in OUTPUT_PROJECTIONS
+
+
+@dataclass
+class Layout:
+    """The shapes of a causal LM that the memory plan uses, read off the meta model."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    params: int
+    quantizable: int  # weights of the Linear/Conv1D modules bitsandbytes quantizes: all but the LM head
+    largest_linear: int
+    layer_modules: list[LayerModule] = field(default_factory=list)
+    norm_widths: list[int] = field(default_factory=list)
+    gated: bool = True
+    activation_saved: int = 1
+    residual_dropouts: int = 0
+    eager_attention: bool = False
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def linear_shape(module) -> tuple[int, int] | None:
+    """(in, out) of a Linear or transformers' Conv1D (GPT-2), else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.nf
+    return None
+
+
+def build_meta_model(config, trust_remote_code: bool = False):
+    """The model for this config on the meta device: every shape, no memory, no weights downloaded."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise LoraError(
+            f"The model type '{config.model_type}' is not a causal language model: {first_line(error)}"
+        ) from None
+
+
+def decoder_layers(model):
+    """(prefix, the ModuleList of decoder layers)."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name:
+            return name, module
+    raise LoraError(f"Cannot find the {count} decoder layers of the {model.config.model_type} model.")
+
+
+def layer_key(name: str, prefix: str) -> str:
+    """model.layers.3.self_attn.q_proj -> self_attn.q_proj; lm_head stays lm_head."""
+    if name.startswith(prefix + "."):
+        rest = name[len(prefix) + 1:]
+        return rest.partition(".")[2]
+    return name
+
+
+def layout_of(model) -> Layout:
+    config = model.config.get_text_config()
+    _, layers = decoder_layers(model)
+    output_embeddings = model.get_output_embeddings()
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    quantizable, largest = 0, 0
+    for module in model.modules():
+        shape = linear_shape(module)
+        if shape and module is not output_embeddings:
+            quantizable += shape[0] * shape[1]
+            largest = max(largest, shape[0] * shape[1])
+    layer_modules, norm_widths, dropouts = [], [], 0
+    for name, module in layers[0].named_modules():
+        shape = linear_shape(module)
+        if shape:
+            layer_modules.append(LayerModule(name, *shape))
+        elif type(module).__name__.endswith("Norm") and getattr(module, "weight", None) is not None:
+            width = module.weight.numel()
+            if "q_norm" in name or "q_layernorm" in name:
+                width = heads * head_dim
+            elif "k_norm" in name or "k_layernorm" in name:
+                width = kv_heads * head_dim
+            norm_widths.append(width)
+        elif isinstance(module, torch.nn.Dropout) and module.p > 0 and "attn_dropout" not in name:
+            dropouts += 1  # residual dropouts keep a mask; SDPA's attention dropout keeps only an RNG state
+    mlp_outputs = [m.in_features for m in layer_modules if m.role == "mlp" and m.is_output]
+    intermediate = max(mlp_outputs) if mlp_outputs else getattr(config, "intermediate_size", None) or 4 * hidden
+    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None) or ""
+    if getattr(config, "hidden_activation", None):
+        activation = config.hidden_activation
+    return Layout(
+        model_type=config.model_type,
+        layers=len(layers),
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        params=sum(p.numel() for p in model.parameters()),
+        quantizable=quantizable,
+        largest_linear=largest,
+        layer_modules=layer_modules,
+        norm_widths=norm_widths,
+        gated=any("gate" in m.leaf for m in layer_modules if m.role == "mlp"),
+        activation_saved=ACTIVATION_SAVED.get(str(activation), 1),
+        residual_dropouts=dropouts,
+        eager_attention=getattr(model.config, "_attn_implementation", "sdpa") == "eager",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The memory plan
+
+
+def _layer_activation_bytes(lay: Layout, trained: list[LayerModule], per_module_copies: bool, lora_rank: int,
+                            dropout: float, dora: bool, seq_len: int) -> int:
+    """Bytes autograd keeps per token for one decoder layer (see the module docstring)."""
+    saved = sum(4 * width for width in lay.norm_widths)
+    if lay.eager_attention:  # repeated k and v, and the fp32 + bf16 attention probabilities
+        saved += 2 * 3 * lay.q_dim + 8 * lay.heads * seq_len
+    else:
+        saved += 2 * (2 * lay.q_dim + 2 * lay.kv_dim)
+    saved += 2 * lay.intermediate * lay.activation_saved
+    if lay.gated:
+        saved += 2 * 2 * lay.intermediate
+    saved += lay.residual_dropouts * lay.hidden
+    shared_inputs = {}
+    for module in trained:
+        if per_module_copies or dropout > 0:
+            saved += 2 * module.in_features + (module.in_features if dropout > 0 else 0)
+        elif not (module.role == "attention" and module.is_output and not lay.eager_attention):
+            shared_inputs[(module.parent, module.is_output)] = module.in_features  # o_proj shares SDPA's output
+        if lora_rank:
+            saved += 2 * lora_rank + (4 * module.out_features if dora else 0)
+    return saved + 2 * sum(shared_inputs.values())
+
+
+def _method_plan(lay: Layout, method: str, checkpointing: bool, lora_trainable: int, trained: list[LayerModule],
+                 rank: int, dropout: float, dora: bool, seq_len: int, batch_size: int) -> dict:
+    tokens = seq_len * batch_size
+    full = method == "full"
+    if full:
+        weights, adapter, trainable, param_bytes = 4 * lay.params, 0, lay.params, 4
+        trained = lay.layer_modules
+    else:
+        param_bytes = 4 if method == "lora" else 2
+        trainable = lora_trainable
+        adapter = trainable * param_bytes
+        if method == "qlora":
+            weights = int(lay.quantizable * NF4_DOUBLE_QUANT_BYTES) + 2 * (lay.params - lay.quantizable)
+        else:
+            weights = 2 * lay.params
+    optimizer = 2 * trainable * param_bytes
+    grads = trainable * param_bytes
+    copies = param_bytes == 4  # fp32 trainables under bf16 autocast: one bf16 copy per module input and weight
+    autocast_cache = 2 * (lay.quantizable if full else (lora_trainable if copies else 0))
+    per_layer = tokens * _layer_activation_bytes(lay, trained, copies, 0 if full else rank, 0.0 if full else dropout,
+                                                 dora and not full, seq_len)
+    checkpoint = tokens * lay.hidden * (4 if full else 2)  # the layer input: fp32 residual stream when full
+    saved = lay.layers * (checkpoint if checkpointing else per_layer)
+    working = tokens * 6 * lay.intermediate
+    if copies and trained:
+        working += tokens * 4 * max(m.in_features for m in trained)
+    if method == "qlora" or full:
+        working += 2 * lay.largest_linear
+    if dora and trained:
+        working += 4 * max(m.in_features * m.out_features for m in trained)
+    head = tokens * lay.hidden * (4 + 2 + 4) + min(tokens, LM_HEAD_TOKEN_TILE) * min(lay.vocab, LM_HEAD_VOCAB_TILE) * 2
+    head_grads = 4 * lay.vocab * lay.hidden if full else 0
+    static = weights + adapter + optimizer
+    # grads at each moment: LoRA's are counted whole (they are small); full fine-tuning's build up layer by layer
+    moments = {
+        "end of forward (LM head)": (head_grads if full else grads, saved + autocast_cache + head),
+        "backward of the last layer": (
+            head_grads + grads // lay.layers if full else grads,
+            saved + (per_layer + autocast_cache // lay.layers if checkpointing else autocast_cache)
+            + tokens * lay.hidden * 2 + working,
+        ),
+        "end of backward": (grads, per_layer + checkpoint + working),
+    }
+    moment, (grads_now, activations) = max(moments.items(), key=lambda kv: sum(kv[1]))
+    activations += CUBLAS_WORKSPACES
+    peak = static + grads_now + activations
+    return {
+        "method": method,
+        "gradient_checkpointing": checkpointing,
+        "weights": weights,
+        "lora_params": adapter,
+        "gradients": grads_now,
+        "optimizer": optimizer,
+        "activations": activations,
+        "peak": peak,
+        "device": int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES,
+        "peak_at": moment,
+    }
+
+
+def plan_for_layout(lay: Layout, lora_trainable: int, trained: list[LayerModule], rank: int, dropout: float, dora: bool,
+          seq_len: int, batch_size: int) -> dict:
+    rows = [
+        _method_plan(lay, method, checkpointing, lora_trainable, trained, rank, dropout, dora, seq_len, batch_size)
+        for method in METHODS
+        for checkpointing in (True, False)
+    ]
+    return {
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "rank": rank,
+        "lora_trainable": lora_trainable,
+        "lora_dropout": dropout,
+        "rows": rows,
+        # What lora train's offloaded checkpointing (speed/checkpointing.py, on GPUs) keeps in host memory instead: each
+        # decoder layer's bf16 input. Measured: QLoRA 7.37 -> 6.56 GiB on the Llama-3.1-8B shape (plan: 1.0 GiB).
+        "offloaded": lay.layers * batch_size * seq_len * lay.hidden * 2,
+        "assumptions": (
+            "peak = torch.cuda.max_memory_allocated of a TRL SFTTrainer step: bf16 autocast, AdamW, SDPA, "
+            "TRL's chunked LM head; LoRA adapters fp32 (PEFT), QLoRA adapters bf16 (TRL); full fine-tuning keeps "
+            f"fp32 weights. device = peak x {1 + ALLOCATOR_SLACK:g} + {CUDA_CONTEXT_BYTES / GIB:g} GiB CUDA context."
+        ),
+    }
+
+
+def _match(module_path: str, names) -> bool:
+    return any(module_path == n or module_path.endswith("." + n) for n in names)
+
+
+def memory_plan(config, lora_trainable: int, seq_len: int = 2048, batch_size: int = 1, lora_modules=None,
+                rank: int = 16, dropout: float = 0.0, dora: bool = False) -> dict:
+    """The memory plan for training this config (a transformers config) with lora_trainable adapter parameters.
+
+    lora_modules: the target module names as in a recipe, "all-linear" for every Linear of a decoder layer, or
+    None for PEFT's default for the architecture. Returns a JSON-serialisable dict; format_memory_plan prints it.
+    """
+    lay = layout_of(build_meta_model(config))
+    if lora_modules is None:
+        lora_modules = PEFT_DEFAULTS.get(lay.model_type) or "all-linear"
+    if lora_modules == "all-linear":
+        trained = lay.layer_modules
+    else:
+        names = [lora_modules] if isinstance(lora_modules, str) else list(lora_modules)
+        trained = [m for m in lay.layer_modules if _match(m.path, names)]
+    return plan_for_layout(lay, lora_trainable, trained, rank, dropout, dora, seq_len, batch_size)
+
+
+def gib_text(n: int) -> str:
+    return "<0.01" if 0 < n < GIB / 200 else f"{n / GIB:.2f}"
+
+
+def text_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def format_memory_plan(plan: dict, highlight: tuple[str, bool] | None = None) -> str:
+    """The memory plan as a text table (GiB); highlight=(method, checkpointing) marks one row."""
+    tokens = f"{plan['batch_size']} x {plan['seq_len']} tokens"
+    title = f"Memory plan for one training step, batch {tokens}, LoRA r={plan['rank']} (GiB, peak = max allocated):"
+    lines = [title]
+    header = ["method", "checkpointing", "weights", "LoRA", "grads", "optimizer", "activations", "peak", "device"]
+    rows = []
+    for row in plan["rows"]:
+        mark = "  <- recipe" if highlight == (row["method"], row["gradient_checkpointing"]) else ""
+        rows.append([METHOD_NAMES[row["method"]], "on" if row["gradient_checkpointing"] else "off",
+                     gib_text(row["weights"]), "-" if row["method"] == "full" else gib_text(row["lora_params"]),
+                     gib_text(row["gradients"]), gib_text(row["optimizer"]), gib_text(row["activations"]), gib_text(row["peak"]),
+                     gib_text(row["device"]) + mark])
+    lines += text_table(header, rows, right=set(range(2, 9)))
+    lines.append("  activations include the backward working set, the LM head's buffers and cuBLAS workspaces;")
+    lines.append("  device adds the CUDA context and allocator slack. Measured on an H100: docs/inspect-params.md.")
+    lines.append(f"  With checkpointing on a GPU, lora train keeps each layer's input in host memory "
+                 f"(speed.offload_activations):\n  {gib_text(plan['offloaded'])} GiB less on the rows with checkpointing on.")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The one place GPU levers are installed into a Trainer: each lever the recipe allows and this run can use, at the
+moment the Trainer's own set-up leaves for it (callbacks), and the line the run prints about them.
+"""
+
+import torch
+from accelerate import PartialState
+from transformers import TrainerCallback
+
+from lora_cli.speed.checkpointing import offloaded_checkpointing
+from lora_cli.speed.fused_loss import fused_loss_supported, use_fused_loss
+from lora_cli.speed.fused_mlp import fuse_gated_mlps, gated_mlps
+from lora_cli.speed.host_embedding import offload_embedding, offloadable_embedding, restore_embedding
+from lora_cli.speed.lora_linear import fuse_lora_layers
+from lora_cli.speed.offloaded_attention import offloadable_attentions
+from lora_cli.speed.policy import graphs_fit
+from lora_cli.speed.recomputation import lean_recompute_supported
+from lora_cli.speed.varlen import FixedShapePackedBatches, use_varlen_attention, varlen_available
+
+
+def use_own_kernels(trainer, recipe) -> str:
+    """Switch on the levers the recipe allows and this run can use; returns what was done, for the log.
+
+    Fused layers and offloading not under FSDP: it shards parameters between module calls, and both levers read
+    weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
+    """
+    args = trainer.args
+    packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
+    varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
+    if trainer.is_fsdp_enabled:
+        return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
+    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
+    mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
+    if mlps:
+        trainer.add_callback(FuseGatedMLPs())
+    offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
+               and "offload" not in (args.gradient_checkpointing_kwargs or {}))
+    # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
+    # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
+    graphs = (offload and recipe.speed.cuda_graphs and (not packed or (args.packing and args.max_length))
+              and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
+    if graphs and packed:
+        trainer.data_collator = FixedShapePackedBatches(
+            trainer.data_collator, args.per_device_train_batch_size * args.max_length, args.max_length)
+    lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
+    attention = offloadable_attentions(trainer.model) if offload and recipe.speed.offload_attention else 0
+    if offload:
+        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0))
+    fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
+    if fused_loss:
+        use_fused_loss(trainer)
+    # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
+    embedding = (offloadable_embedding(trainer.model) if recipe.speed.offload_embeddings and offload and mlps
+                 and recipe.is_quantized and args.world_size == 1 and not trainer.is_deepspeed_enabled else None)
+    if embedding is not None:
+        trainer.add_callback(OffloadEmbedding(embedding))
+    return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
+            f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
+            f" offload_attention={'on' if attention else 'off'} ({attention})"
+            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
+            f" fused_loss={'on' if fused_loss else 'off'}"
+            f" offload_embeddings={'on' if embedding is not None else 'off'}")
+
+
+class FuseGatedMLPs(TrainerCallback):
+    """Installs fused_mlp's MLPs when training begins: the Trainer has just set Liger's SwiGLU MLP forward then."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        fuse_gated_mlps(model)
+
+
+class OffloadEmbedding(TrainerCallback):
+    """Keeps the input embedding in host memory from when training begins to when it ends (host_embedding.py)."""
+
+    def __init__(self, embedding):
+        self.embedding = embedding
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        offload_embedding(self.embedding)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        restore_embedding(self.embedding)
+
+
+class OffloadActivations(TrainerCallback):
+    """Installs checkpointing.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
+    drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
+
+    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool):
+        self.cuda_graphs, self.lean_recompute, self.offload_attention = cuda_graphs, lean_recompute, offload_attention
+        self.pool = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.pool is not None:
+            layers = self.pool.layers
+            if PartialState().is_main_process and self.pool.broken is None:
+                print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
+                      "replayed", flush=True)
+            offloaded_checkpointing(model, lean_recompute=self.lean_recompute,  # no graphs, should it train again
+                                    offload_attention=self.offload_attention)
+            self.pool = None

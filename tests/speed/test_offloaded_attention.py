@@ -1,0 +1,41 @@
+"""The attention kept in host memory (lora_cli/speed/offloaded_attention.py) against its recomputation."""
+
+import pytest
+import torch
+
+from lora_cli.speed.checkpointing import offloaded_checkpointing
+from lever_models import DEVICES, assert_same, checkpointed_fused_model, loss_and_grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("fused_mlp", [False, True], ids=["layers", "fused-mlp"])
+def test_offloaded_attention_gives_the_recomputed_gradients(tiny_llama, device, quantized, fused_mlp, monkeypatch):
+    """The attention kept on the host, not rerun, gives the loss and gradients of recomputation; the step runs
+    each attention projection twice (forward, backward) instead of three times, and the attention kernel once."""
+    from lora_cli.speed import lora_linear
+
+    model = checkpointed_fused_model(tiny_llama, device, quantized, fused_mlp=fused_mlp)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    weights_made = []
+    real_base_weight = lora_linear.base_weight
+    monkeypatch.setattr(lora_linear, "base_weight", lambda layer, dtype: weights_made.append(layer) or
+                        real_base_weight(layer, dtype))
+    attention_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: attention_calls.append(1) or real_sdpa(*args, **kwargs))
+    runs = {}
+    for offload_attention in (False, True):
+        offloaded_checkpointing(model, lean_recompute=True, offload_attention=offload_attention)
+        weights_made.clear()
+        attention_calls.clear()
+        runs[offload_attention] = loss_and_grads(model, device, autocast), list(weights_made), len(attention_calls)
+    (recomputed, recomputed_weights, recomputed_calls), (kept, kept_weights, kept_calls) = runs[False], runs[True]
+    assert_same(recomputed, kept, 0.0 if device == "cpu" else 1e-5)
+    layers = model.config.num_hidden_layers
+    assert (recomputed_calls, kept_calls) == (2 * layers, layers)
+    attention = model.get_base_model().model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        base = getattr(attention, name).get_base_layer()
+        assert (recomputed_weights.count(base), kept_weights.count(base)) == (3, 2), name
