@@ -156,7 +156,8 @@ def main() -> None:
 
 
 def resume_note(checked: dict) -> str:
-    note = (f"stopped after its checkpoint of step 3 and resumed from {Path(checked['resumed_from'].rstrip('.')).name}: "
+    checkpoint = Path(checked["resumed_from"].rstrip(".")).name
+    note = (f"stopped after its checkpoint of step 3 and resumed from {checkpoint}: "
             f"max abs difference to the uninterrupted run's adapter {checked['max_abs_difference']:.2g} "
             f"(weights up to {checked['max_abs_weight']})")
     return note + (f"; lora merge: {checked['merge']}" if "merge" in checked else "")

@@ -14,8 +14,8 @@ recorded), model (the architecture's shape, random weights), mode (benchmarks/sp
 plain stack, unsloth is Unsloth, the rest `lora train`; benchmarks/distributed.py's single, ddp, fsdp, resume-*),
 data (fixed: rows of seq_len tokens; varied: chat-like lengths), seq_len, batch_size (per GPU), tokens_per_second
 (real tokens), peak_gib (torch.cuda.max_memory_allocated during training; per GPU), reserved_gib
-(max_memory_reserved), graph_pool_gib (CUDA graphs' memory pools), mfu, losses (logged at steps 5 and 10), baseline_mode,
-baseline_tokens_per_second and baseline_peak_gib (that mode's figures in the same run), gpu_power_w and
+(max_memory_reserved), graph_pool_gib (CUDA graphs' memory pools), mfu, losses (logged at steps 5 and 10),
+baseline_mode, baseline_tokens_per_second and baseline_peak_gib (that mode's figures in the same run), gpu_power_w and
 gpu_sm_clock_mhz (means over the timed steps), host_cpu and host_python_loop_ms (the host, the same for a run's rows),
 command, notes.
 """
@@ -78,7 +78,8 @@ def run_id(date: str, gpu: str, commit: str, *tables: Path) -> str:
 
 def gpu_tag(gpu: str, count: int = 1) -> str:
     """'NVIDIA H100 80GB HBM3' -> h100, two H200s -> h200x2, 'cpu' -> cpu."""
-    model = next((word.lower() for word in gpu.split() if word[:1].isalpha() and word[1:].isdigit()), gpu.split()[0].lower())
+    words = gpu.split()
+    model = next((word.lower() for word in words if word[:1].isalpha() and word[1:].isdigit()), words[0].lower())
     return model + (f"x{count}" if count > 1 else "")
 
 

@@ -14,7 +14,8 @@ same data measured in the same run, with the losses logged at steps 5 and 10 (sa
 changes training shows there). The commit is the checkout's, or BENCH_COMMIT where the code was copied without git.
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
-train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc, baseline_lora_nogc (no gradient checkpointing);
+train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc, baseline_lora_nogc (no gradient
+checkpointing);
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
 lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
 `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
@@ -96,7 +97,7 @@ class GpuSampler:
     """The GPU's power draw and SM clock over the timed steps, from nvidia-smi every 100 ms.
 
     Why: an H200 running our QLoRA step sits at its 700 W cap with the SM clock at 1,400-1,700 MHz, while the plain
-    stack, paced by the host, draws about 560 W at 1,900-1,980 MHz (benchmarks/results/2026-12-04-h200-power-e34cbd2*.csv):
+    stack, paced by the host, draws about 560 W at 1,900-1,980 MHz (benchmarks/results/2026-12-04-h200-power-*.csv):
     the same matmuls run 7-13% slower in our step than alone on a cool GPU (benchmarks/matmul_layouts.py). With
     these in each row a run says whether the GPU or the host set its pace."""
 
@@ -467,6 +468,10 @@ def main() -> None:
     write_rows(results, args, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
+MEASURED = ("tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "mfu", "losses", "gpu_power_w",
+            "gpu_sm_clock_mhz")
+
+
 def write_rows(results: dict, args, gpu: str) -> None:
     """One row per measured mode; a `lora` mode's row and Unsloth's carry the baseline measured beside them."""
     table = Path(args.results) / "results.csv"
@@ -488,10 +493,10 @@ def write_rows(results: dict, args, gpu: str) -> None:
         baseline = results.get(baseline_mode, {})
         rows.append({
             **run, "mode": mode, "data": data_kind, "batch_size": result["batch_size"],
-            **{key: result.get(key) for key in ("tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "mfu",
-                                                "losses", "gpu_power_w", "gpu_sm_clock_mhz")},
+            **{key: result.get(key) for key in MEASURED},
             "baseline_mode": baseline_mode if baseline else None,
-            "baseline_tokens_per_second": baseline.get("tokens_per_second"), "baseline_peak_gib": baseline.get("peak_gib"),
+            "baseline_tokens_per_second": baseline.get("tokens_per_second"),
+            "baseline_peak_gib": baseline.get("peak_gib"),
         })
     if rows:
         append_rows(rows, table)
