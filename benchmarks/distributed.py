@@ -152,7 +152,8 @@ def main() -> None:
                        baseline_peak_gib=single["peak_gib"])
         rows.append(row)
     if rows:
-        append_rows(rows, table)
+        modes = args.modes.split(",")
+        append_rows(sorted(rows, key=lambda row: modes.index(row["mode"])), table)
 
 
 def resume_note(checked: dict) -> str:

@@ -54,7 +54,7 @@ def append_rows(rows: list[dict], path: Path = TABLE) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({key: cell(value) for key, value in row.items()})
-    print(f"{len(rows)} rows added to {path}")
+    print(f"{path}: {len(rows)} {'row' if len(rows) == 1 else 'rows'} added")
 
 
 def cell(value) -> str:
