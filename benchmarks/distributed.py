@@ -8,7 +8,8 @@ Runs on a machine with 2+ GPUs, with the same random-weight model and fixed 2,04
 Each mode runs the real command, `lora train RECIPE [--gpus N]`, on a QLoRA recipe (NF4, double quantization,
 r=16 on all linear layers, batch 2 x 2048 per GPU). Throughput comes from the run's metrics.jsonl: tokens
 (counted across all GPUs) between the first and the last log, over the time between them; peak is rank 0's
-torch.cuda.max_memory_allocated during training, from train_summary.json.
+torch.cuda.max_memory_allocated during training, from train_summary.json. Each mode is a row of the results table
+(benchmarks/results_table.py: --results DIR appends to DIR/results.csv), ddp's and fsdp's beside the single GPU's.
 
 resume-ddp and resume-fsdp check resuming with the same number of GPUs: 6 steps straight, then the state a kill
 after the checkpoint of step 3 leaves (later checkpoint and adapter removed) resumed with --resume; the two
@@ -18,6 +19,7 @@ adapters are compared, and the FSDP adapter goes through `lora merge`.
 import argparse
 import datetime
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import BATCH, SEQ, TARGETS, WORK, build_model, gpu_tag, save_record, write_data
+from results_table import TABLE, append_rows, current_commit, gpu_tag, run_id
+from speed import BATCH, SEQ, TARGETS, WORK, build_model, write_data
 
 STEPS = 20
 
@@ -103,22 +106,8 @@ def run(mode: str, arch: str, gpus: int, timeout: int) -> dict | None:
     logs = [m for m in logs if "num_tokens" in m and "loss" in m]
     rate = (logs[-1]["num_tokens"] - logs[0]["num_tokens"]) / (logs[-1]["time"] - logs[0]["time"])
     summary = json.loads((out / "train_summary.json").read_text())
-    return {"tok_per_s": round(rate), "peak_gib": round(summary["peak_gib"], 2), "num_gpus": 1 if mode == "single" else gpus}
-
-
-def resume_mode(mode: str, args) -> None:
-    import torch
-
-    distributed = mode.split("-")[1]
-    checked = check_resume(distributed, args.arch, args.gpus, args.timeout)
-    print(f"{mode:>8}: {checked}", flush=True)
-    if not checked:
-        return
-    gpu, date = torch.cuda.get_device_name(0), datetime.date.today().isoformat()
-    command = f"python benchmarks/distributed.py --modes {args.modes} --arch {args.arch} --gpus {args.gpus}"
-    save_record(Path(args.results) / f"{date}-{gpu_tag(gpu, args.gpus)}-{args.arch}-qlora-{mode}.json", {
-        "gpu": gpu, "model": args.arch, "distributed": distributed, "num_gpus": args.gpus, **checked,
-        "command": command, "date": date})
+    return {"tokens_per_second": round(rate), "peak_gib": round(summary["peak_gib"], 2),
+            "num_gpus": 1 if mode == "single" else gpus}
 
 
 def main() -> None:
@@ -126,20 +115,27 @@ def main() -> None:
     parser.add_argument("--modes", default="single,ddp,fsdp")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--arch", default="llama-3.1-8b")
-    parser.add_argument("--results", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--results", default=str(TABLE.parent), help="folder of the results.csv the rows go to")
     parser.add_argument("--timeout", type=int, default=200)
     args = parser.parse_args()
-    Path(args.results).mkdir(parents=True, exist_ok=True)
     import torch
 
+    gpu, date = torch.cuda.get_device_name(0), datetime.date.today().isoformat()
+    table, commit = Path(args.results) / "results.csv", os.environ.get("BENCH_COMMIT") or current_commit()
+    common = {"run": run_id(date, gpu_tag(gpu, args.gpus), commit, TABLE, table), "date": date, "gpu": gpu_tag(gpu),
+           "gpu_name": gpu, "commit": commit, "model": args.arch, "data": "fixed", "seq_len": SEQ, "batch_size": BATCH,
+           "command": f"python benchmarks/distributed.py --modes {args.modes} --arch {args.arch} --gpus {args.gpus}"}
     # Built in a process of its own: this one must not hold GPU memory while the runs measure theirs.
     subprocess.run([sys.executable, str(Path(__file__).with_name("speed.py")), "--arch", args.arch, "--one", "build"],
                    check=True)
-    results = {}
+    results, rows = {}, []
     for mode in args.modes.split(","):
         try:
             if mode.startswith("resume-"):
-                resume_mode(mode, args)
+                checked = check_resume(mode.split("-")[1], args.arch, args.gpus, args.timeout)
+                print(f"{mode:>8}: {checked}", flush=True)
+                if checked:
+                    rows.append({**common, "mode": mode, "num_gpus": args.gpus, "notes": resume_note(checked)})
                 continue
             result = run(mode, args.arch, args.gpus, args.timeout)
         except subprocess.TimeoutExpired:
@@ -148,22 +144,24 @@ def main() -> None:
         if result:
             results[mode] = result
             print(f"{mode:>8}: {result}", flush=True)
-    single = results.get("single", {})
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
+    single = results.get("single")
     for mode, result in results.items():
-        if mode == "single":
-            continue
-        record = {
-            "gpu": torch.cuda.get_device_name(0), "model": args.arch, "mode": "qlora", "distributed": mode,
-            "num_gpus": result["num_gpus"], "tok_per_s": result["tok_per_s"], "peak_gib": result["peak_gib"],
-            "single_gpu_tok_per_s": single.get("tok_per_s"), "single_gpu_peak_gib": single.get("peak_gib"),
-            "speedup": round(result["tok_per_s"] / single["tok_per_s"], 3) if single else None,
-            "seq_len": SEQ, "batch_size": BATCH,
-            "command": f"python benchmarks/distributed.py --modes {args.modes} --gpus {args.gpus}", "date": date,
-        }
-        save_record(out / f"{date}-{gpu_tag(record['gpu'], result['num_gpus'])}-{args.arch}-qlora-{mode}.json", record)
+        row = {**common, "mode": mode, **result}
+        if single and mode != "single":
+            row.update(baseline_mode="single", baseline_tokens_per_second=single["tokens_per_second"],
+                       baseline_peak_gib=single["peak_gib"])
+        rows.append(row)
+    if rows:
+        modes = args.modes.split(",")
+        append_rows(sorted(rows, key=lambda row: modes.index(row["mode"])), table)
+
+
+def resume_note(checked: dict) -> str:
+    checkpoint = Path(checked["resumed_from"].rstrip(".")).name
+    note = (f"stopped after its checkpoint of step 3 and resumed from {checkpoint}: "
+            f"max abs difference to the uninterrupted run's adapter {checked['max_abs_difference']:.2g} "
+            f"(weights up to {checked['max_abs_weight']})")
+    return note + (f"; lora merge: {checked['merge']}" if "merge" in checked else "")
 
 
 if __name__ == "__main__":

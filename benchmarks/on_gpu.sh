@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: installs the carried wheels and this project, then runs the command given.
-#   ../shared/gpu/wheelhouse.sh .wheels; ../shared/gpu/unsloth_wheelhouse.sh .wheels_u (optional; drop its
-#   bitsandbytes wheel, .wheels has it, so that both fit the 64 MiB a call carries)
-#   carry: .wheels .wheels_u .gpu (.gpu/tokenizer: any saved tokenizer, such as the embedded SmolLM2's:
+# On a GPU machine without network access: installs wheels brought along and this project, then runs the command given.
+#   .wheels: wheels of the GPU extras and whatever the machine's image lacks (`pip download -d .wheels ...` on a machine
+#   with network); .wheels_u (optional): Unsloth, the packages it pins, and unsloth-core.zip (its source, unpacked);
+#   .gpu/tokenizer: any saved tokenizer, such as the embedded SmolLM2's:
 #   python -c "from lora_cli.embedded import embedded_model_dir as d; from transformers import AutoTokenizer as t;
-#   t.from_pretrained(d()).save_pretrained('.gpu/tokenizer')"; keep all three in .git/info/exclude)
-#   bash benchmarks/on_gpu.sh python3 benchmarks/speed.py --modes baseline_qlora,qlora,unsloth --results "$OUT"
+#   t.from_pretrained(d()).save_pretrained('.gpu/tokenizer')"
+#   BENCH_COMMIT=<the clone's commit> bash benchmarks/on_gpu.sh python3 benchmarks/speed.py --modes baseline_qlora,qlora \
+#     --results /tmp/out   (BENCH_COMMIT where the copy has no .git), then, back in the clone, with that results.csv:
+#   python benchmarks/results_table.py --add results.csv
 # Unsloth pins older TRL and datasets: they go into a folder of their own, which speed.py puts first on the path of
 # the Unsloth mode's process alone (UNSLOTH_SITE).
 set -euo pipefail

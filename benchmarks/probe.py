@@ -1,4 +1,4 @@
-"""Three measurements behind choices in lora_cli/speed/ and the README, on a GPU machine:
+"""Three measurements behind choices in the GPU levers (docs/performance.md), on a GPU machine:
 
     python benchmarks/probe.py
 

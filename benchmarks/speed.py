@@ -8,16 +8,17 @@ Each mode runs in its own process. `baseline_*` modes are the plain stack exactl
 (transformers + PEFT + TRL SFTTrainer defaults, SDPA, gradient checkpointing); the other modes call
 `lora_cli.train.train`, the function behind `lora train`, with the recipe a user would write. Steps 5-14
 are timed (CUDA events, so the host may run ahead as in a real run); tokens/s counts real (non-padding) tokens; peak is
-torch.cuda.max_memory_allocated from the start of training. One JSON record per `lora` mode is written
-to --results, paired with the baseline of the same data measured in the same run, with the losses both
-logged at steps 5 and 10 (same data and seed: a lever that changes training shows there).
+torch.cuda.max_memory_allocated from the start of training. Each mode's figures become a row of the results table
+(benchmarks/results_table.py: --results DIR appends to DIR/results.csv), a `lora` mode's beside the baseline of the
+same data measured in the same run, with the losses logged at steps 5 and 10 (same data and seed: a lever that
+changes training shows there). The commit is the checkout's, or BENCH_COMMIT where the code was copied without git.
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
-train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc (training.gradient_checkpointing: false);
+train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc, baseline_lora_nogc (no gradient
+checkpointing);
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
 lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
-`torch_compile: true`; the plain stack's result is printed, not recorded); unsloth (with UNSLOTH_SITE naming its
-packages).
+`torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_table import TABLE, append_rows, current_commit, gpu_tag, run_id
 
 SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
 # BENCH_PROFILE=1: print where two steps' GPU time goes (steps WARM+1, WARM+2), with the host calls around each
@@ -96,7 +99,7 @@ class GpuSampler:
     Why: an H200 running our QLoRA step sits at its 700 W cap with the SM clock at 1,400-1,700 MHz, while the plain
     stack, paced by the host, draws about 560 W at 1,900-1,980 MHz (benchmarks/results/2026-12-04-h200-power-*.csv):
     the same matmuls run 7-13% slower in our step than alone on a cool GPU (benchmarks/matmul_layouts.py). With
-    these in each record a run says whether the GPU or the host set its pace."""
+    these in each row a run says whether the GPU or the host set its pace."""
 
     def __init__(self):
         self.process = None
@@ -271,7 +274,7 @@ def print_memory_peak(snapshot: dict) -> None:
     print("\n".join("MEMORY " + line for line in lines), flush=True)
 
 
-def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:
+def measure(records, losses, trainable: int, arch: str, batch_size: int, graph_pools=()) -> dict:
     import torch
 
     (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
@@ -283,13 +286,14 @@ def measure(records, losses, trainable: int, arch: str, graph_pools=()) -> dict:
     tokens_per_second = int(n1 - n0) / seconds
     flops_per_token = 4 * MATMUL_PARAMS[arch] + 6 * trainable
     return {
-        "tok_per_s": round(tokens_per_second),
+        "tokens_per_second": round(tokens_per_second),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         # CUDA graphs' memory pool is reserved, not allocated, while they replay: reserved shows it.
         "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "graph_pool_gib": round(graph_pools[-1] / 2**30, 2) if graph_pools else None,  # memory of CUDA graphs' pools
         "mfu": round(tokens_per_second * flops_per_token / PEAK_FLOPS, 4),
         "trainable": trainable,
+        "batch_size": batch_size,
         "losses": losses,  # logged at steps 5 and 10: a lever that trains differently shows here (same data, seed)
         **GPU_SAMPLER.means,
     }
@@ -350,11 +354,13 @@ def run_lora(mode: str, arch: str) -> dict:
                     callbacks=[timer_callback(records, losses, graph_pools)])
     adapter = load_file(Path(raw["output_dir"]) / "adapter_model.safetensors")
     trainable = sum(t.numel() for t in adapter.values())
-    return {**measure(records, losses, trainable, arch, graph_pools), "steps": summary["steps"]}
+    return {**measure(records, losses, trainable, arch, training["per_device_train_batch_size"], graph_pools),
+            "steps": summary["steps"]}
 
 
 def run_baseline(mode: str, arch: str) -> dict:
-    """The plain stack as in the tutorials (and ../shared/gpu/baseline_hf_stack.py)."""
+    """The plain stack as the tutorials write it: the model loaded by transformers (quantized for QLoRA), PEFT's
+    LoraConfig, TRL's SFTTrainer with its defaults; peak memory counted from the start of training."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -381,11 +387,12 @@ def run_baseline(mode: str, arch: str) -> dict:
                                                 task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
-    return measure(records, losses, trainable, arch)
+    return measure(records, losses, trainable, arch, args.per_device_train_batch_size)
 
 
 def run_unsloth(arch: str) -> dict:
-    """Unsloth's QLoRA as its docs write it (../shared/gpu/unsloth_vs_hf.py), on the same model and data."""
+    """Unsloth's QLoRA as its docs write it (FastLanguageModel with its own gradient checkpointing), on the same model
+    and data."""
     import torch
     from unsloth import FastLanguageModel  # first: it patches transformers and TRL on import
 
@@ -408,7 +415,7 @@ def run_unsloth(arch: str) -> dict:
     # Unsloth may change gradient accumulation on its own: count the tokens it really processed.
     tokens_per_step = BATCH * SEQ * trainer.args.gradient_accumulation_steps
     records = [(t, i * tokens_per_step) for i, (t, _) in enumerate(records, start=1)]
-    return measure(records, losses, trainable, arch)
+    return measure(records, losses, trainable, arch, BATCH)
 
 
 def run_mode(mode: str, arch: str) -> None:
@@ -426,7 +433,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="baseline_qlora,qlora,lora")
     parser.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
-    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--results", default=str(TABLE.parent), help="folder of the results.csv the rows go to")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per mode")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -458,40 +465,41 @@ def main() -> None:
             print(f"{mode:>16}: {results[mode]}", flush=True)
         else:
             print(f"{mode:>16}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
-    write_records(results, args, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    write_rows(results, args, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
-def write_records(results: dict, args, gpu: str) -> None:
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    unsloth = results.get("unsloth", {})
-    host = {"host_cpu": host_cpu(), "host_python_loop_ms": host_loop_ms()}  # the same for every record of a run
+MEASURED = ("tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "mfu", "losses", "gpu_power_w",
+            "gpu_sm_clock_mhz")
+
+
+def write_rows(results: dict, args, gpu: str) -> None:
+    """One row per measured mode; a `lora` mode's row and Unsloth's carry the baseline measured beside them."""
+    table = Path(args.results) / "results.csv"
+    date, commit = datetime.date.today().isoformat(), os.environ.get("BENCH_COMMIT") or current_commit()
+    run = {
+        "run": run_id(date, gpu_tag(gpu), commit, TABLE, table), "date": date, "gpu": gpu_tag(gpu), "gpu_name": gpu,
+        "num_gpus": 1, "commit": commit, "model": args.arch, "seq_len": SEQ,
+        # The plain stack is paced by the host: its speed moves with the host's processor.
+        "host_cpu": host_cpu(), "host_python_loop_ms": host_loop_ms(),
+        "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}",
+    }
+    rows = []
     for mode, result in results.items():
-        if mode.startswith("baseline_") or mode == "unsloth":
-            continue
         data_kind = "varied" if "varied" in mode else "fixed"
-        baseline = results.get(f"baseline_{'qlora' if 'qlora' in mode else 'lora'}{'_varied' if data_kind == 'varied' else ''}", {})
-        record = {
-            "gpu": gpu, "model": args.arch, "mode": "qlora" if "qlora" in mode else "lora", "variant": mode,
-            "data": data_kind, "tok_per_s": result["tok_per_s"], "peak_gib": result["peak_gib"], "mfu": result["mfu"],
-            "reserved_gib": result.get("reserved_gib"), "baseline_reserved_gib": baseline.get("reserved_gib"),
-            "graph_pool_gib": result.get("graph_pool_gib"),
-            "baseline_tok_per_s": baseline.get("tok_per_s"), "baseline_peak_gib": baseline.get("peak_gib"),
-            "unsloth_tok_per_s": unsloth.get("tok_per_s") if mode == "qlora" else None,
-            "unsloth_peak_gib": unsloth.get("peak_gib") if mode == "qlora" else None,
-            "unsloth_reserved_gib": unsloth.get("reserved_gib") if mode == "qlora" else None,
-            "unsloth_gpu_power_w": unsloth.get("gpu_power_w") if mode == "qlora" else None,
-            "unsloth_gpu_sm_clock_mhz": unsloth.get("gpu_sm_clock_mhz") if mode == "qlora" else None,
-            "losses": result["losses"], "baseline_losses": baseline.get("losses"),
-            # The plain stack is paced by the host: its speed moves with the host's processor.
-            "gpu_power_w": result.get("gpu_power_w"), "gpu_sm_clock_mhz": result.get("gpu_sm_clock_mhz"),
-            "baseline_gpu_power_w": baseline.get("gpu_power_w"),
-            "baseline_gpu_sm_clock_mhz": baseline.get("gpu_sm_clock_mhz"), **host,
-            "seq_len": SEQ, "batch_size": BATCH,
-            "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}", "date": date,
-        }
-        save_record(out / f"{date}-{gpu_tag(gpu)}-{args.arch}-{mode}.json", record)
+        baseline_mode = None
+        if not mode.startswith("baseline_"):
+            method = "lora" if mode.startswith("lora") else "qlora"  # unsloth runs QLoRA
+            baseline_mode = f"baseline_{method}{'_varied' if data_kind == 'varied' else ''}"
+        baseline = results.get(baseline_mode, {})
+        rows.append({
+            **run, "mode": mode, "data": data_kind, "batch_size": result["batch_size"],
+            **{key: result.get(key) for key in MEASURED},
+            "baseline_mode": baseline_mode if baseline else None,
+            "baseline_tokens_per_second": baseline.get("tokens_per_second"),
+            "baseline_peak_gib": baseline.get("peak_gib"),
+        })
+    if rows:
+        append_rows(rows, table)
 
 
 def host_loop_ms() -> float:
@@ -515,17 +523,6 @@ def host_cpu() -> str:
     except OSError:
         names = []
     return f"{names[0] if names else 'unknown processor'}, {os.cpu_count()} cores"
-
-
-def gpu_tag(gpu: str, count: int = 1) -> str:
-    """A file-name tag for the machine: 'NVIDIA H100 80GB HBM3' -> h100, two H200s -> h200x2."""
-    model = next((word.lower() for word in gpu.split() if word[:1].isalpha() and word[1:].isdigit()), gpu.split()[0].lower())
-    return model + (f"x{count}" if count > 1 else "")
-
-
-def save_record(path: Path, record: dict) -> None:
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
