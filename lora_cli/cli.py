@@ -39,6 +39,14 @@ def train(
     force: bool = typer.Option(False, "--force", help="With --resume: resume even if the recipe changed."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, prepare the data, print the audit; no training."),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="Train data-parallel on this many GPUs (accelerate)."),
+    num_machines: int = typer.Option(1, "--num-machines", help="With --gpus: machines taking part, each running this "
+                                     "command with its own --machine-rank (accelerate's option)."),
+    machine_rank: int = typer.Option(0, "--machine-rank", help="With --num-machines: this machine's rank, 0 first."),
+    main_process_ip: Optional[str] = typer.Option(None, "--main-process-ip", help="With --num-machines: the address "
+                                                  "of the machine of rank 0."),
+    main_process_port: int = typer.Option(29500, "--main-process-port", help="With --num-machines: its port."),
+    accelerate_config: Optional[Path] = typer.Option(None, "--accelerate-config", help="With --gpus: an accelerate "
+                                                     "config file (DeepSpeed ZeRO-3: configs/accelerate/)."),
 ):
     """Train a LoRA or QLoRA adapter from a recipe."""
     if (gpus is None or gpus <= 1) and "LOCAL_RANK" not in os.environ:
@@ -48,10 +56,14 @@ def train(
     from lora_cli.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides, output_dir)
-    if gpus is not None and gpus > 1:
-        from lora_cli.launch import relaunch_on_gpus
+    if gpus is not None and (gpus > 1 or num_machines > 1 or accelerate_config is not None):
+        from lora_cli.launch import Machines, relaunch_on_gpus
 
-        raise typer.Exit(relaunch_on_gpus(gpus, loaded.distributed, sys.argv[1:]))
+        machines = Machines(num_machines, machine_rank, main_process_ip, main_process_port)
+        raise typer.Exit(relaunch_on_gpus(gpus, loaded.distributed, sys.argv[1:], machines, accelerate_config))
+    if num_machines > 1 or accelerate_config is not None:
+        raise LoraError("--num-machines and --accelerate-config go with --gpus N: they say how accelerate launches "
+                        "the processes of this machine.")
     from lora_cli.train import train as run_training
 
     run_training(loaded, resume=resume, overwrite=overwrite, force=force, dry_run=dry_run)
