@@ -67,10 +67,16 @@ def recipe_readiness(lora) -> Readiness:
                            "bias": lora.bias, "target_modules": lora.target_modules or []})
 
 
+def folder_readiness(folder) -> Readiness:
+    """vllm_readiness for the adapter_config.json in FOLDER."""
+    import json
+    from pathlib import Path
+
+    return vllm_readiness(json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8")))
+
+
 def export_vllm(source, out, verify: bool, force: bool, progress):
     """The merged model (verified by lora merge) as OUT, with the readiness facts and the command lines."""
-    import json
-
     from lora_cli.export import ExportResult
     from lora_cli.merge import merge_adapter
 
@@ -82,7 +88,7 @@ def export_vllm(source, out, verify: bool, force: bool, progress):
     result.merge, result.verified = merged, verify
     result.source = f"{source.name} merged into {merged.base} ({merged.weights})"
     result.files, result.size_bytes = merged.files, merged.size_bytes
-    readiness = vllm_readiness(json.loads((source.folder / "adapter_config.json").read_text(encoding="utf-8")))
+    readiness = folder_readiness(source.folder)
     if merged.max_logit_diff is not None:
         result.report.append(f"verify:    largest logit difference from the unmerged adapter "
                              f"{merged.max_logit_diff:.3g} (tolerance {merged.tolerance:g} in {merged.dtype})")

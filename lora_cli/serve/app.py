@@ -49,8 +49,10 @@ def create_app(registry, api_key: str | None = None):
         problems = []
         for item in error.errors():
             where = ".".join(str(p) for p in item["loc"] if p != "body")
-            problems.append(f"{where or 'body'}: {item['msg']}")
-        first = next((".".join(str(p) for p in e["loc"] if p != "body") for e in error.errors()), None)
+            problems.append("the body is not valid JSON" if item["type"] == "json_invalid"
+                            else f"{where or 'body'}: {item['msg']}")
+        first = next((".".join(str(p) for p in e["loc"] if p != "body") for e in error.errors()
+                      if e["type"] != "json_invalid"), None)
         return JSONResponse(error_body("Invalid request: " + "; ".join(problems), "invalid_request_error",
                                        param=first or None), status_code=400)
 
@@ -99,7 +101,7 @@ def create_app(registry, api_key: str | None = None):
                            code="model_not_found")
         sampling = Sampling(max_new_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=body.temperature,
                             top_p=body.top_p if body.temperature > 0 else None,
-                            seed=body.seed if body.seed is not None else int(time.time()), stop=tuple(body.stop))
+                            seed=body.seed if body.seed is not None else int(time.time()), stop=tuple(body.stop or ()))
         reply = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                  "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -145,13 +147,15 @@ def create_app(registry, api_key: str | None = None):
         threading.Thread(target=produce, daemon=True).start()
         if chunk_kind != "text_completion":
             yield event({"role": "assistant", "content": ""})
-        held = StopFilter(sampling.stop)
+        held, last = StopFilter(sampling.stop), ""
         while (piece := pieces.get()) is not None:
-            if text := held.feed(piece):
+            if text := held.feed(last):
                 yield event({"content": text}, text)
+            last = piece
         if "error" in outcome:
             yield f"data: {json.dumps(outcome['error'])}\n\n"
         else:
+            held.feed(last.removesuffix("\n"))  # generate's streamer ends the text with a terminal's newline
             if text := held.flush():
                 yield event({"content": text}, text)
             yield event(finish=outcome["result"].finish_reason)
