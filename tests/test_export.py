@@ -2,6 +2,7 @@
 the GGUF LoRA applied to its base, the vLLM folder and readiness facts, the Ollama Modelfile, and every bad input.
 Models are tiny random ones (SmolLM2's tokenizer); one adapter is trained with lora train."""
 
+import copy
 import json
 import os
 import subprocess
@@ -36,6 +37,15 @@ def tiny_model(folder: Path, arch: str, tokenizer) -> Path:
         "phi3": lambda: Phi3Config(**common, original_max_position_embeddings=512),
         "gpt2": lambda: GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4),
     }
+    if arch.startswith("qwen"):  # Qwen's own pre-tokenizer (digits one by one), which llama.cpp names qwen2
+        from tokenizers import Regex, pre_tokenizers
+
+        from lora_cli.export.gguf import _QWEN2_SPLIT
+
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(configs[arch]())
     model.save_pretrained(folder)
@@ -45,9 +55,28 @@ def tiny_model(folder: Path, arch: str, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(embedded_dir):
-    from transformers import AutoTokenizer
+    """A byte-level BPE of 512 tokens with SmolLM2's special tokens and chat template: the GGUF reader parses a
+    vocabulary entry by entry in Python, and SmolLM2's 49,152 would cost half a minute a read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR") or embedded_dir)
+    smollm = AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR") or embedded_dir)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"What is {i} plus {i}? It is {2 * i}. The quick brown fox jumps over the lazy dog." for i in range(50)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    small = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                    pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    small.chat_template = smollm.chat_template
+    return small
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tokenizer, tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("llama") / "tiny-llama", "llama", tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +94,7 @@ def trained_adapter(tiny_llama, tmp_path_factory) -> Path:
         "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
         "data": {"train": str(data)},
         "training": {"max_steps": 3, "learning_rate": 5e-2, "per_device_train_batch_size": 4, "logging_steps": 1,
-                     "save_steps": 3, "gradient_checkpointing": False, "max_length": 64},
+                     "save_steps": 3, "gradient_checkpointing": False, "max_length": 256},
         "output_dir": str(folder / "adapter"),
     }, source="test.yaml"))
     return folder / "adapter"
@@ -88,7 +117,7 @@ def test_each_architecture_exports_and_reads_back(tmp_path, tokenizer, arch):
     assert difference <= 0.25, report
     reader = read_gguf(tmp_path / "out" / f"{arch}-f16.gguf")
     assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
-    assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("qwen2" if arch.startswith("qwen") else "gpt-2")
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def _verify(result, file, info, quant: str) -> None:
                 continue
             base_name = name.removesuffix(".lora_a")
             b = torch.from_numpy(processor.process(loaded[base_name + ".lora_b"].numpy(), base_name).weights.copy())
-            parameters[names[base_name + ".weight"]].add_(b.reshape(-1, a.shape[0]) @ a)
+            parameters[names[base_name]].add_(b.reshape(-1, a.shape[0]) @ a)
     difference = _max_diff(reference, _logits(model.eval(), probes))
     limit = MISSED_EFFECT[quant] * effect
     result.report.append(

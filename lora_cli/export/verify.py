@@ -60,8 +60,11 @@ def verify_gguf(gguf_file: Path, source_dir: Path, quant: str, progress=lambda m
     )
     _compare_logits(check, reference, _logits(exported.eval(), probes), quant)
     del exported
-    _compare_config(check, gguf_file, config)
-    _compare_tokenizer(check, gguf_file, tokenizer)
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_file)
+    _compare_config(check, reader, config)
+    _compare_tokenizer(check, reader, gguf_file, tokenizer)
     return check
 
 
@@ -93,32 +96,31 @@ def _compare_logits(check: Check, reference, exported, quant: str) -> None:
     check.passed &= ok
 
 
-def _compare_config(check: Check, gguf_file: Path, config) -> None:
-    """The hyperparameters transformers parses from the file against config.json's."""
+def _compare_config(check: Check, reader, config) -> None:
+    """The hyperparameters in the file, named as transformers' GGUF reader names them, against config.json's."""
     import math
 
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-    parsed = load_gguf_checkpoint(str(gguf_file))["config"]
+    arch = reader.fields["general.architecture"].contents()
     wanted = config.to_dict()
-    differ = []
-    for name in CONFIG_FIELDS:
-        if name not in parsed or wanted.get(name) is None:
+    differ, compared = [], 0
+    for key, name in GGUF_CONFIG_MAPPING.get(arch, {}).items():
+        field_ = reader.fields.get(f"{arch}.{key}")
+        if name not in CONFIG_FIELDS or field_ is None or wanted.get(name) is None:
             continue
-        a, b = parsed[name], wanted[name]
-        same = math.isclose(a, b, rel_tol=1e-6) if isinstance(b, float) else a == b
-        if not same:
+        a, b = field_.contents(), wanted[name]
+        compared += 1
+        if not (math.isclose(a, b, rel_tol=1e-6) if isinstance(b, float) else a == b):
             differ.append(f"{name} {a} (config.json: {b})")
-    compared = sum(1 for n in CONFIG_FIELDS if n in parsed and wanted.get(n) is not None)
     if differ:
         check.passed = False
         check.failures.append("the file's hyperparameters differ: " + "; ".join(differ))
     check.lines.append(f"config:    {compared} hyperparameters read back " + ("differ" if differ else "match"))
 
 
-def _compare_tokenizer(check: Check, gguf_file: Path, tokenizer) -> None:
+def _compare_tokenizer(check: Check, reader, gguf_file: Path, tokenizer) -> None:
     """Same ids from the tokenizer rebuilt from the file; same chat template and special tokens in it."""
-    import gguf
     from transformers import AutoTokenizer
 
     rebuilt = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -128,8 +130,6 @@ def _compare_tokenizer(check: Check, gguf_file: Path, tokenizer) -> None:
             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenize=False))
     different = [t for t in texts if rebuilt(t, add_special_tokens=False).input_ids
                  != tokenizer(t, add_special_tokens=False).input_ids]
-    reader = gguf.GGUFReader(gguf_file)
-
     def stored(key):
         return reader.fields[key].contents() if key in reader.fields else None
 
