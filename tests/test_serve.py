@@ -56,7 +56,8 @@ def server(adapters, tmp_path_factory):
 
 
 def chat(client, model, **options):
-    return client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=12, **options)
+    return client.chat.completions.create(model=model, messages=QUESTION, **{"temperature": 0, "max_tokens": 8,
+                                                                             **options})
 
 
 def test_models_lists_the_base_and_both_adapters(server):
@@ -71,7 +72,7 @@ def test_chat_answers_as_lora_generate_does(server, adapters):
 
     client, _, _ = server
     reply = chat(client, "pirate")
-    expected = generate(str(adapters[0]), [QUESTION[0]["content"]], sampling=Sampling(max_new_tokens=12))[0]
+    expected = generate(str(adapters[0]), [QUESTION[0]["content"]], sampling=Sampling(max_new_tokens=8))[0]
     assert reply.choices[0].message.content == expected.text
     assert reply.choices[0].finish_reason == expected.finish_reason
     assert reply.usage.completion_tokens == expected.completion_tokens and reply.usage.prompt_tokens > 10
@@ -81,16 +82,18 @@ def test_two_adapters_and_the_base_share_one_model_and_answer_differently(server
     client, _, _ = server
     base = next(m.id for m in client.models.list() if m.owned_by == "base model")
     answers = {name: chat(client, name).choices[0].message.content for name in ("pirate", "poet", base)}
-    assert len(set(answers.values())) == 3, answers
-    assert answers["pirate"] == chat(client, "pirate").choices[0].message.content  # switching back is exact
-    assert "Paris" in answers[base]
+    answers["pirate2"] = chat(client, "pirate").choices[0].message.content
+    assert len({answers["pirate"], answers["poet"], answers[base]}) == 3, answers
+    assert answers["pirate"] == answers["pirate2"]  # switching back is exact
+    assert answers[base].startswith("The capital of France")
 
 
 def test_streaming_sends_the_same_answer_in_pieces(server):
     client, _, _ = server
-    pieces = [c.choices[0].delta.content or "" for c in chat(client, "poet", stream=True)]
+    base = next(m.id for m in client.models.list() if m.owned_by == "base model")
+    pieces = [c.choices[0].delta.content or "" for c in chat(client, base, stream=True)]
     assert len([p for p in pieces if p]) > 1
-    assert "".join(pieces).strip() == chat(client, "poet").choices[0].message.content
+    assert "".join(pieces).strip() == chat(client, base).choices[0].message.content
 
 
 def test_completions_and_stop(server):

@@ -2,7 +2,7 @@
 tokens and the default system prompt.
 
 Ollama cannot run a Jinja chat template, so the template is translated, for the layouts we can recognise: the
-model's own template is rendered on marker messages and compared with each known layout (ChatML, Llama 3, Gemma,
+model's own template is rendered on marker messages and compared with each known layout (ChatML, Llama 3,
 Phi-3). A template that matches none gets no TEMPLATE line, and Ollama falls back to what it reads from the GGUF.
 """
 

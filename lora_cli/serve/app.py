@@ -155,8 +155,8 @@ def create_app(registry, api_key: str | None = None):
         if "error" in outcome:
             yield f"data: {json.dumps(outcome['error'])}\n\n"
         else:
-            held.feed(last.removesuffix("\n"))  # generate's streamer ends the text with a terminal's newline
-            if text := held.flush():
+            # generate's streamer ends the text with a terminal's newline
+            if text := held.feed(last.removesuffix("\n")) + held.flush():
                 yield event({"content": text}, text)
             yield event(finish=outcome["result"].finish_reason)
         yield "data: [DONE]\n\n"
