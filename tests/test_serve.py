@@ -132,7 +132,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert "last message must be the user's" in last.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         chat(openai.OpenAI(base_url=url, api_key="wrong", max_retries=0), "pirate")
-    raw = httpx.post(f"{url}/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    raw = httpx.post(f"{url}/chat/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert raw.status_code == 400 and raw.json()["error"]["message"] == "Invalid request: the body is not valid JSON"
     unknown = httpx.get(f"{url}/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert unknown.status_code == 404 and "error" in unknown.json()
