@@ -164,6 +164,54 @@ def generate(
                 print(f"{result.text}\n")
 
 
+@app.command()
+def export(
+    target: str = typer.Argument(..., help="An adapter folder, a model folder or a hub id."),
+    out_dir: Path = typer.Argument(..., help="The folder to write the export to."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama), gguf-lora (the adapter) or vllm."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", help="GGUF weights: f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1; gguf-lora: f16, q8_0."
+    ),
+    ollama: bool = typer.Option(False, "--ollama", help="Write an Ollama Modelfile beside the GGUF."),
+    base: Optional[str] = typer.Option(None, "--base", help="Adapter targets: the base model to use."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip reading the file back and comparing."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT_DIR."),
+):
+    """Export for llama.cpp, Ollama or vLLM, verified by reading the result back."""
+    from lora_cli.export import export as run_export
+
+    result = run_export(target, out_dir, fmt, quant, ollama, verify=not no_verify, force=force, base=base,
+                        progress=lambda message: print(message, flush=True))
+    quant_note = f" ({result.quant})" if result.quant else ""
+    print(f"Exported {result.source} -> {result.out_dir} as {result.format}{quant_note}")
+    if result.merge is not None and result.format != "vllm" and result.merge.max_logit_diff is not None:
+        print(f"  merge:     verified, largest logit difference from the unmerged adapter "
+              f"{result.merge.max_logit_diff:.3g} (tolerance {result.merge.tolerance:g})")
+    for line in result.report:
+        print(f"  {line}")
+    if not result.verified:
+        print("  verify:    skipped (--no-verify)")
+    print(f"  files:     {', '.join(result.files)} ({result.size_bytes / 1e6:.1f} MB)")
+    for note in result.notes:
+        print(note)
+
+
+@app.command()
+def serve(
+    targets: list[str] = typer.Argument(..., help="Adapter folders, model folders or hub ids (adapters share a base)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 opens it to the network)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Load the models quantized to NF4."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LORA_API_KEY", help="Require 'Authorization: Bearer KEY' (or set LORA_API_KEY)."
+    ),
+):
+    """Serve models and adapters over an OpenAI-compatible HTTP API."""
+    from lora_cli.serve import serve as run_server
+
+    run_server(targets, host, port, load_in_4bit, api_key, progress=lambda message: print(message, flush=True))
+
+
 @app.command("inspect-params")
 def inspect_params(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, short name, local folder."),

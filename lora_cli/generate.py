@@ -46,6 +46,7 @@ class Sampling:
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int = 0
+    stop: tuple[str, ...] = ()  # texts that end the answer (lora serve's `stop`), left out of it
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -257,10 +258,14 @@ def complete(
             attention_mask=torch.ones_like(input_ids),
             generation_config=_generation_config(target, sampling),
             streamer=streamer,
+            tokenizer=target.tokenizer,  # transformers matches sampling.stop on the decoded text
         )
     new = output[0, len(ids):].tolist()
     finish = "stop" if new and new[-1] in target.stop_ids else "length"
-    text = target.tokenizer.decode(new, skip_special_tokens=True).strip()
+    text = target.tokenizer.decode(new, skip_special_tokens=True)
+    if cut := [text.index(s) for s in sampling.stop if s in text]:
+        text, finish = text[: min(cut)], "stop"
+    text = text.strip()
     return Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish)
 
 
@@ -274,6 +279,7 @@ def _generation_config(target: Target, sampling: Sampling):
         do_sample=not greedy,
         eos_token_id=target.stop_ids or None,
         pad_token_id=pad if pad is not None else (target.stop_ids or [None])[0],
+        stop_strings=list(sampling.stop) or None,
     )
     if greedy:  # the model's recommended sampling settings would only draw warnings
         config.update(temperature=None, top_p=None, top_k=None, min_p=None, typical_p=None)

@@ -142,6 +142,8 @@ def final_losses(records: list[dict]) -> dict:
 
 
 def model_card(recipe, base_name: str, summary: dict, audit_report: dict) -> str:
+    from lora_cli.export.vllm import recipe_readiness
+
     lora = recipe.lora
     quant = "QLoRA (4-bit NF4" + (", double quantization" if recipe.quantization.bnb_4bit_use_double_quant else "") + ")" \
         if recipe.quantization and recipe.quantization.load_in_4bit else "8-bit LoRA" if recipe.is_quantized else "LoRA"
@@ -168,6 +170,7 @@ Trained with [lora](https://pypi.org/project/lora-cli/) (`lora train`) from the 
 | final train loss | {fmt(losses['train_loss'])} |
 | final eval loss | {fmt(losses['eval_loss'])} |
 | tokens/s | {summary['tokens_per_second']:,.0f} |
+| vLLM | {recipe_readiness(lora).summary()} |
 
 ## Use it
 
@@ -188,6 +191,8 @@ The loss curves are in `loss.png`, every logged step in `metrics.jsonl`, the dat
 
 
 def format_summary(summary: dict) -> str:
+    from lora_cli.export.vllm import folder_readiness
+
     minutes, seconds = divmod(summary["wall_seconds"], 60)
     return "\n".join([
         "Done.",
@@ -196,5 +201,6 @@ def format_summary(summary: dict) -> str:
         f"  final train loss: {summary['final']['train_loss']}"
         + (f"   final eval loss: {summary['final']['eval_loss']}" if summary["final"]["eval_loss"] is not None else ""),
         f"  adapter, tokenizer, recipe.yaml, metrics.jsonl, loss.png, data_audit.json, README.md: {summary['output_dir']}",
+        f"  vLLM: {folder_readiness(summary['output_dir']).summary()}",
         f"  try it: lora generate {summary['output_dir']} --prompt \"...\" --compare-base",
     ])
