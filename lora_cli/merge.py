@@ -100,7 +100,7 @@ def merge_adapter(
     if info.peft_config.get("peft_type", "LORA") in PROMPT_LEARNING:
         raise LoraError(f"'{info.folder}' is a {info.peft_config['peft_type']} adapter, which has no weights to merge.")
     path = resolve_model_path(info.base, info.field)
-    out = _check_out_dir(Path(out_dir).expanduser(), [info.folder, Path(path)], force)
+    out = check_out_dir(Path(out_dir).expanduser(), [info.folder, Path(path)], force)
     config = load_config(path, info.model.trust_remote_code, info.field)
     dtype = dtype or _own_dtype(config)
     out_dtype = getattr(torch, dtype)
@@ -113,12 +113,12 @@ def merge_adapter(
 
     peft_model = attach_adapter(model, info)
     peft_model.eval()
-    probes = _probe_inputs(tokenizer)
+    probes = probe_inputs(tokenizer)
     result = MergeResult(out, info.folder, info.base, path, dtype, mode, weights)
     if verify:
-        reference = _logits(peft_model, probes)
+        reference = probe_logits(peft_model, probes)
         with peft_model.disable_adapter():
-            result.adapter_effect = _max_diff(reference, _logits(peft_model, probes))
+            result.adapter_effect = max_diff(reference, probe_logits(peft_model, probes))
     progress("Merging ...")
     merged = peft_model.merge_and_unload().to(out_dtype)  # added in float32, rounded once
     added_eos = _align_eos(tokenizer, merged.generation_config)
@@ -137,7 +137,7 @@ def merge_adapter(
             _check_parity(result, staging, probes, reference)
         result.files = sorted(p.name for p in staging.iterdir())
         result.size_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        _publish(staging, out)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -148,7 +148,7 @@ def _check_parity(result: MergeResult, folder: Path, probes, reference) -> None:
     import torch
 
     reloaded = load_model(str(folder), torch.float32, field=str(result.out_dir))
-    result.max_logit_diff = _max_diff(reference, _logits(reloaded, probes))
+    result.max_logit_diff = max_diff(reference, probe_logits(reloaded, probes))
     result.tolerance = TOLERANCE[result.dtype]
     if not result.max_logit_diff <= result.tolerance:  # NaN fails too
         hint = "Try --dtype float32" if result.dtype != "float32" else "This is a bug worth reporting"
@@ -180,7 +180,7 @@ def _mode(quantization, from_original_base: bool, dtype: str) -> tuple[str, str]
     )
 
 
-def _check_out_dir(out: Path, inputs: list[Path], force: bool) -> Path:
+def check_out_dir(out: Path, inputs: list[Path], force: bool) -> Path:
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise LoraError(f"OUT_DIR '{out}' is a file; give a folder.")
@@ -228,7 +228,7 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _probe_inputs(tokenizer) -> list[list[int]]:
+def probe_inputs(tokenizer) -> list[list[int]]:
     """Token ids of the probes: conversations through the chat template where there is one, text as is."""
     inputs = []
     for probe in PROBES:
@@ -243,14 +243,14 @@ def _probe_inputs(tokenizer) -> list[list[int]]:
     return inputs
 
 
-def _logits(model, inputs) -> list:
+def probe_logits(model, inputs) -> list:
     import torch
 
     with torch.no_grad():
         return [model(torch.tensor([ids], device=model.device)).logits.float().cpu() for ids in inputs]
 
 
-def _max_diff(a, b) -> float:
+def max_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
@@ -309,7 +309,7 @@ def _write(model, tokenizer, folder: Path) -> None:
         raise
 
 
-def _publish(staging: Path, out: Path) -> None:
+def publish(staging: Path, out: Path) -> None:
     """Rename the finished folder into place; an old OUT_DIR (--force) goes only once the new one is there."""
     if not out.exists():
         staging.rename(out)

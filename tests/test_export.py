@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from conftest import error_line, run_cli, write_jsonl
-from lora_cli.errors import LoraError
 from lora_cli.export import export
 from lora_cli.export.vllm import vllm_readiness
 

@@ -65,7 +65,7 @@ def make_adapter(base_dir: Path, folder: Path, quantized: bool = False, seed: in
     return folder
 
 
-def logits(model, base_dir: Path, text: str = PROBE):
+def probe_logits(model, base_dir: Path, text: str = PROBE):
     import torch
     from transformers import AutoTokenizer
 
@@ -82,7 +82,7 @@ def peft_logits(base_dir: Path, adapter: Path, quantized: bool = False, enabled:
 
     model = PeftModel.from_pretrained(load_base(base_dir, quantized), str(adapter)).eval()
     with nullcontext() if enabled else model.disable_adapter():
-        return logits(model, base_dir)
+        return probe_logits(model, base_dir)
 
 
 def dequantized_peft_logits(base_dir: Path, adapter: Path):
@@ -99,14 +99,14 @@ def dequantized_peft_logits(base_dir: Path, adapter: Path):
             packed, state = bnb_functional.quantize_4bit(module.weight.data, blocksize=64, compress_statistics=True,
                                                          quant_type="nf4")
             module.weight.data = bnb_functional.dequantize_4bit(packed, state).float()
-    return logits(PeftModel.from_pretrained(base, str(adapter)).eval(), base_dir)
+    return probe_logits(PeftModel.from_pretrained(base, str(adapter)).eval(), base_dir)
 
 
 def merged_logits(folder: Path, base_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), base_dir)
+    return probe_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), base_dir)
 
 
 def max_diff(a, b) -> float:

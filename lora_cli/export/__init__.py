@@ -35,7 +35,7 @@ class ExportResult:
 def export(target: str, out_dir, fmt: str = "gguf", quant: str | None = None, ollama: bool = False,
            verify: bool = True, force: bool = False, base: str | None = None,
            progress=lambda message: None) -> ExportResult:
-    from lora_cli.merge import _check_out_dir, _publish
+    from lora_cli.merge import check_out_dir, publish
 
     if fmt not in FORMATS:
         raise LoraError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'.{did_you_mean(fmt, FORMATS)}")
@@ -44,7 +44,7 @@ def export(target: str, out_dir, fmt: str = "gguf", quant: str | None = None, ol
     if quant is not None and fmt == "vllm":
         raise LoraError("--quant is for the GGUF formats; --format vllm writes the merged model in its own dtype.")
     source = _source(target, base, fmt)
-    out = _check_out_dir(Path(out_dir).expanduser(), [p for p in (source.folder,) if p], force)
+    out = check_out_dir(Path(out_dir).expanduser(), [p for p in (source.folder,) if p], force)
     if fmt == "vllm":
         from lora_cli.export.vllm import export_vllm
 
@@ -63,7 +63,7 @@ def export(target: str, out_dir, fmt: str = "gguf", quant: str | None = None, ol
             result = _export_gguf(source, out, staging, quant or "f16", ollama, verify, progress)
         result.files = sorted(p.name for p in staging.iterdir())
         result.size_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        _publish(staging, out)
+        publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result

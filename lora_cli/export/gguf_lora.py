@@ -11,7 +11,6 @@ GGUF name map and un-permuted with its GGUF tensor processor (not our code), add
 logits compared with PEFT's unmerged adapter on lora merge's probes.
 """
 
-import json
 import math
 import re
 
@@ -134,17 +133,17 @@ def _verify(result, file, info, quant: str) -> None:
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     import gguf
-    from lora_cli.merge import _logits, _max_diff, _probe_inputs
+    from lora_cli.merge import probe_logits, max_diff, probe_inputs
     from lora_cli.models import attach_adapter, load_adapter_base, load_tokenizer
 
     base, path = load_adapter_base(info, torch.float32)
     tokenizer = load_tokenizer(str(info.folder) if info.has_tokenizer else path, info.model.trust_remote_code)
-    probes = _probe_inputs(tokenizer)
+    probes = probe_inputs(tokenizer)
     peft_model = attach_adapter(base, info).eval()
-    reference = _logits(peft_model, probes)
+    reference = probe_logits(peft_model, probes)
     with peft_model.disable_adapter():
-        plain = _logits(peft_model, probes)
-    effect = _max_diff(reference, plain)
+        plain = probe_logits(peft_model, probes)
+    effect = max_diff(reference, plain)
     model = peft_model.unload()  # the base alone, to add the file's adapter to
 
     reader = gguf.GGUFReader(file)
@@ -160,7 +159,7 @@ def _verify(result, file, info, quant: str) -> None:
             base_name = name.removesuffix(".lora_a")
             b = torch.from_numpy(processor.process(loaded[base_name + ".lora_b"].numpy(), base_name).weights.copy())
             parameters[names[base_name]].add_(b.reshape(-1, a.shape[0]) @ a)
-    difference = _max_diff(reference, _logits(model.eval(), probes))
+    difference = max_diff(reference, probe_logits(model.eval(), probes))
     limit = MISSED_EFFECT[quant] * effect
     result.report.append(
         f"verify:    the file applied to the base differs from PEFT's unmerged adapter by up to {difference:.3g} "

@@ -11,7 +11,7 @@ and the chat template and special tokens stored in it are compared with the sour
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.merge import TOLERANCE, _logits, _max_diff, _probe_inputs
+from lora_cli.merge import TOLERANCE, probe_logits, max_diff, probe_inputs
 
 # Least top-1 agreement and largest mean KL (nats) accepted per quantization. Measured on SmolLM2-135M-Instruct,
 # whose weights already went through Q4_1 and which, being small, quantizes worse than larger models: q8_0 95.6%
@@ -51,16 +51,16 @@ def verify_gguf(gguf_file: Path, source_dir: Path, quant: str, progress=lambda m
     check = Check(True)
     config = AutoConfig.from_pretrained(source_dir)
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
-    probes = _probe_inputs(tokenizer)
+    probes = probe_inputs(tokenizer)
     progress("Verifying: the source model on the probes ...")
     source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
-    reference = _logits(source.eval(), probes)
+    reference = probe_logits(source.eval(), probes)
     del source
     progress(f"Verifying: {gguf_file.name} read back by transformers ...")
     exported = AutoModelForCausalLM.from_pretrained(
         gguf_file.parent, gguf_file=gguf_file.name, config=config, dtype=torch.float32
     )
-    _compare_logits(check, reference, _logits(exported.eval(), probes), quant)
+    _compare_logits(check, reference, probe_logits(exported.eval(), probes), quant)
     del exported
     import gguf
 
@@ -73,7 +73,7 @@ def verify_gguf(gguf_file: Path, source_dir: Path, quant: str, progress=lambda m
 def _compare_logits(check: Check, reference, exported, quant: str) -> None:
     import torch
 
-    largest = _max_diff(reference, exported)
+    largest = max_diff(reference, exported)
     ref = torch.cat([r[0] for r in reference])
     out = torch.cat([e[0] for e in exported])
     agreement = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
