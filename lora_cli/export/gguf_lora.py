@@ -133,7 +133,7 @@ def _verify(result, file, info, quant: str) -> None:
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     import gguf
-    from lora_cli.merge import probe_logits, max_diff, probe_inputs
+    from lora_cli.merge import max_diff, probe_inputs, probe_logits
     from lora_cli.models import attach_adapter, load_adapter_base, load_tokenizer
 
     base, path = load_adapter_base(info, torch.float32)

@@ -11,7 +11,7 @@ and the chat template and special tokens stored in it are compared with the sour
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_cli.merge import TOLERANCE, probe_logits, max_diff, probe_inputs
+from lora_cli.merge import TOLERANCE, max_diff, probe_inputs, probe_logits
 
 # Least top-1 agreement and largest mean KL (nats) accepted per quantization. Measured on SmolLM2-135M-Instruct,
 # whose weights already went through Q4_1 and which, being small, quantizes worse than larger models: q8_0 95.6%
