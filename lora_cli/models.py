@@ -143,8 +143,9 @@ def load_model(
     device_map=None,
     field: str = "model.name_or_path",
 ):
-    """The base model, quantized with bitsandbytes when the quantization section asks for it."""
-    from transformers import AutoModelForCausalLM
+    """The base model, quantized with bitsandbytes when the quantization section asks for it; an image-text
+    checkpoint whole (multimodal.py)."""
+    from lora_cli.multimodal import auto_class
 
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on: code shipped with '{path}' will run on this machine.", stacklevel=2)
@@ -158,7 +159,8 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model_class = auto_class(load_config(path, trust_remote_code, field))
+        return model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         if use_safetensors and "safetensors" in str(e).lower():
             raise LoraError(

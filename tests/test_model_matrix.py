@@ -1,0 +1,167 @@
+"""The model matrix: a tiny random model of each architecture family trains with LoRA (QLoRA on a representative
+subset, below), `lora merge` verifies and writes it, `lora generate` answers, and `lora inspect-params` counts it
+exactly; mixture-of-experts models with the experts trained too; image-text checkpoints train their language model on
+text from the same recipe.
+
+Fast by construction: hidden 64, 2 layers, 4 experts, SmolLM2's tokenizer, 2 steps on 4 short chats, in this process.
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import error_line, run_cli, write_jsonl
+from tiny_models import FAMILIES, FAMILY, tiny_config
+
+CHATS = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                       {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(4)]
+# QLoRA on the CPU costs several times LoRA's time, so it runs on one family of each kind of layer: Llama-style,
+# MoE with the experts trained, hybrid linear attention, Mamba hybrid, multi-head latent attention, image-text.
+QLORA_FAMILIES = ["qwen3", "qwen3_moe", "gpt_oss", "qwen3_5_text", "falcon_h1", "deepseek_v3", "gemma3"]
+
+
+def installed(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def cases():
+    for family in FAMILIES:
+        marks = [] if installed(family.model_type) else [pytest.mark.skip(f"transformers has no {family.model_type}")]
+        yield pytest.param(family.name, False, False, marks=marks, id=f"{family.name}-lora")
+        if family.moe:
+            yield pytest.param(family.name, False, True, marks=marks, id=f"{family.name}-lora-experts")
+        if family.name in QLORA_FAMILIES:
+            yield pytest.param(family.name, True, family.moe, marks=marks, id=f"{family.name}-qlora")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer):
+    """name -> a folder with the family's tiny random model, as its checkpoints are published (image-text ones whole)."""
+    from lora_cli.multimodal import auto_class
+
+    made = {}
+
+    def make(name):
+        if name not in made:
+            config = tiny_config(FAMILY[name], tokenizer)
+            torch.manual_seed(0)
+            model = auto_class(config).from_config(config)
+            folder = tmp_path_factory.mktemp(name)
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[name] = folder
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chats.jsonl", CHATS)
+
+
+def write_recipe(path, model_dir, chats, out, quantized: bool, experts: bool):
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear", "target_experts": experts},
+        "data": {"train": str(chats)},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "save_steps": 100,
+                     "max_length": 64, "learning_rate": 1e-2},
+        "output_dir": str(out),
+    }
+    if quantized:
+        recipe["quantization"] = {"load_in_4bit": True}
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name,quantized,experts", cases())
+def test_family_trains_merges_generates_and_is_counted(name, quantized, experts, model_dirs, chats, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_cli.inspect_params import inspect_recipe
+    from lora_cli.multimodal import auto_class
+
+    model_dir = model_dirs(name)
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dir, chats, tmp_path / "adapter", quantized, experts)
+    trained = run_cli(["train", recipe], capsys)
+    assert trained.code == 0, trained.err[-3000:]
+    assert "Done." in trained.out
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert bool(adapter_config.get("target_parameters")) == experts
+
+    # inspect-params counts what PEFT counts on the real model, with the LoraConfig that lora train wrote
+    report = inspect_recipe(recipe)
+    real = auto_class(tiny_config(FAMILY[name], _tokenizer(model_dir))).from_pretrained(model_dir)
+    written = {key: adapter_config[key] for key in ("r", "lora_alpha", "target_modules", "target_parameters")}
+    peft_model = get_peft_model(real, LoraConfig(**written, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    assert peft_model.get_nb_trainable_parameters() == (report["ranks"][0]["trainable"], report["ranks"][0]["all"])
+    assert not any(row["lora"] and _is_router(row["module"]) for row in report["modules"])
+    if experts:
+        assert report["experts"]["trainable"] > 0 and report["experts"]["lora"]
+
+    merged = run_cli(["merge", tmp_path / "adapter", tmp_path / "merged"], capsys)
+    assert merged.code == 0, merged.err[-3000:]
+    assert (tmp_path / "merged" / "config.json").is_file()
+    answer = run_cli(["generate", tmp_path / "merged", "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4"],
+                     capsys)
+    assert answer.code == 0, answer.err[-3000:]
+    assert answer.out.strip()
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _is_router(module: str) -> bool:
+    from lora_cli.experts import is_router
+
+    return is_router(module)
+
+
+def test_image_text_checkpoint_keeps_its_vision_tower_and_trains_only_the_language_model(model_dirs, chats, tmp_path,
+                                                                                        capsys):
+    from safetensors import safe_open
+
+    model_dir = model_dirs("qwen3_5")
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dir, chats, tmp_path / "adapter", False, False)
+    assert run_cli(["train", recipe], capsys).code == 0
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+    assert names and all("language_model" in n for n in names), names[:4]
+    assert run_cli(["merge", tmp_path / "adapter", tmp_path / "merged"], capsys).code == 0
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as weights:
+        assert any(n.startswith("model.visual.") for n in weights.keys())
+
+
+def test_experts_with_dropout_is_refused_naming_both_keys(model_dirs, chats, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dirs("qwen3_moe"), chats, tmp_path / "adapter", False, True)
+    result = run_cli(["train", recipe, "--set", "lora.dropout=0.1"], capsys)
+    line = error_line(result)
+    assert "lora.dropout" in line and "lora.target_experts" in line
+
+
+def test_experts_on_a_dense_model_is_refused(model_dirs, chats, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dirs("qwen3"), chats, tmp_path / "adapter", False, True)
+    line = error_line(run_cli(["train", recipe], capsys))
+    assert "lora.target_experts" in line and "qwen3" in line
+
+
+def test_shared_expert_names_that_peft_gives_to_the_experts_are_refused(model_dirs, chats, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", model_dirs("deepseek_v3"), chats, tmp_path / "adapter", False,
+                          False)
+    line = error_line(run_cli(["train", recipe, "--set", "lora.target_modules=[q_a_proj, gate_proj, up_proj]"], capsys))
+    assert "deepseek_v3" in line and "gate_proj" in line and "target_experts" in line
