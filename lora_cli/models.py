@@ -24,10 +24,13 @@ def hide_library_notices() -> None:
     transformers' deprecated `is_gradient_checkpointing` each time it attaches an adapter, so `lora generate` and
     `lora merge` printed a FutureWarning), and, on CPUs with AVX512-BF16, bitsandbytes' note that it could not load
     an optional kernel from the Hub (its own CPU code runs instead), with the `kernels` package's note, under
-    HF_HUB_OFFLINE, that it skipped that kernel's publisher check. Stdlib only: the CLI calls it first."""
+    HF_HUB_OFFLINE, that it skipped that kernel's publisher check; and on GPUs Liger's notes that the backends for
+    other hardware or DSLs (`liger_kernel.ops.backends._cutedsl`, `_ascend`) could not be imported, while its Triton
+    kernels, the ones lora uses, are there. Stdlib only: the CLI calls it first."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for notices in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    warnings.filterwarnings("ignore", message=r"Backend impl .* could not be imported")
+    for notices in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "liger_kernel.ops"):
         logging.getLogger(notices).setLevel(logging.ERROR)
 
 
