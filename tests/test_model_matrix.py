@@ -105,6 +105,8 @@ def train_and_count(name, model_dirs, chats, tmp_path, capsys, quantized: bool, 
     trained = run_cli(["train", recipe], capsys)
     assert trained.code == 0, trained.err[-3000:]
     assert "Done." in trained.out
+    if FAMILY[name].moe:  # the lever line says why the MoE layers run without the fused MLP
+        assert "fused_mlp (MoE" in trained.out
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert bool(adapter_config.get("target_parameters")) == experts
     # inspect-params counts what PEFT counted on the model that trained (QLoRA's 4-bit weights count apart)
