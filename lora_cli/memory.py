@@ -145,14 +145,23 @@ def layer_key(name: str, prefix: str) -> str:
     return name
 
 
+def _global(config, name: str):
+    """A config value, or None where the config has none or sets it per layer (Gemma 4 refuses the global read)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError, a class older versions lack
+        return None
+
+
 def layout_of(model) -> Layout:
     config = model.config.get_text_config()
     _, layers = language_layers(model)
     output_embeddings = model.get_output_embeddings()
     hidden = config.hidden_size
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = getattr(layers[0], "self_attn", None)  # Gemma 4 sizes heads per layer: its first layer's
+    head_dim = getattr(attention, "head_dim", None) or _global(config, "head_dim") or hidden // heads
+    kv_heads = _global(config, "num_key_value_heads") or heads
     quantizable, largest = 0, 0
     for module in model.modules():
         shape = linear_shape(module)

@@ -33,10 +33,17 @@ def installed(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING_NAMES
 
 
-def cases(names):
+# Known failures, each with what breaks; the test tells when it is fixed (strict).
+EXPERTS_FAIL = {"granitemoehybrid": "transformers' GraniteMoeHybrid reads config.num_experts, which its config lacks, "
+                                    "in the training step with the experts wrapped"}
+
+
+def cases(names, experts_fail=None):
     for name in names:
         family = FAMILY[name]
         marks = [] if installed(family.model_type) else [pytest.mark.skip(f"transformers has no {family.model_type}")]
+        if experts_fail and name in experts_fail:
+            marks.append(pytest.mark.xfail(reason=experts_fail[name], strict=True))
         yield pytest.param(name, marks=marks, id=name)
 
 
@@ -121,7 +128,7 @@ def train_and_count(name, model_dirs, chats, tmp_path, capsys, quantized: bool, 
     return tmp_path / "adapter"
 
 
-@pytest.mark.parametrize("name", cases(TRAINED))
+@pytest.mark.parametrize("name", cases(TRAINED, EXPERTS_FAIL))
 def test_family_trains_merges_generates_and_is_counted(name, model_dirs, chats, tmp_path, capsys):
     adapter = train_and_count(name, model_dirs, chats, tmp_path, capsys, False, FAMILY[name].moe)
     merged = run_cli(["merge", adapter, tmp_path / "merged"], capsys)
@@ -129,8 +136,7 @@ def test_family_trains_merges_generates_and_is_counted(name, model_dirs, chats, 
     assert "largest logit difference from the unmerged adapter" in merged.out
     answer = run_cli(["generate", tmp_path / "merged", "--prompt", "What is 2 plus 2?", "--max-new-tokens", "4"],
                      capsys)
-    assert answer.code == 0, answer.err[-3000:]
-    assert answer.out.strip()
+    assert answer.code == 0, answer.err[-3000:]  # a random model may end its answer at once: no text asserted
 
 
 @pytest.mark.parametrize("name", cases(QLORA_FAMILIES))
@@ -138,7 +144,7 @@ def test_family_trains_with_qlora_and_is_counted(name, model_dirs, chats, tmp_pa
     train_and_count(name, model_dirs, chats, tmp_path, capsys, True, FAMILY[name].moe)
 
 
-@pytest.mark.parametrize("name", cases(["qwen3_moe", "llama4_text"]))
+@pytest.mark.parametrize("name", cases(["qwen3_moe", "llama4_text", "granitemoehybrid"]))
 def test_moe_defaults_train(name, model_dirs, chats, tmp_path, capsys):
     """all-linear with the default dropout: the experts' ParamWrapper refused it, Llama 4's router broke PEFT."""
     train_and_count(name, model_dirs, chats, tmp_path, capsys, False, False)

@@ -10,6 +10,7 @@ from lora_cli.experts import experts_modules
 from lora_cli.speed.recomputation import LLAMA_STYLE_MODEL_TYPES
 
 LOGIT_SOFTCAPPING = "final_logit_softcapping"
+WRITES_INTO_PROJECTIONS = {"llama4", "llama4_text"}  # the fused layer's output is a view autograd cannot modify
 
 
 def off_reasons(model) -> dict[str, str]:
@@ -18,6 +19,8 @@ def off_reasons(model) -> dict[str, str]:
     model_type = config.model_type
     activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "")
     reasons = {}
+    if model_type in WRITES_INTO_PROJECTIONS:
+        reasons["fused_lora"] = "Llama 4's attention writes into its projections' outputs in place"
     if experts_modules(model):
         reasons["fused_mlp"] = "MoE: the routed experts are 3-D weights, not the gated MLP the kernel fuses"
         reasons["cuda_graphs"] = "MoE: which experts a token reaches changes the shapes every step"

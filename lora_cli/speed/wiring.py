@@ -29,7 +29,8 @@ def use_own_kernels(trainer, recipe) -> str:
     varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
-    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
+    reasons = off_reasons(trainer.model)
+    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in reasons else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
     if mlps:
         trainer.add_callback(FuseGatedMLPs())
@@ -37,7 +38,6 @@ def use_own_kernels(trainer, recipe) -> str:
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
-    reasons = off_reasons(trainer.model)
     graphs = (offload and recipe.speed.cuda_graphs and "cuda_graphs" not in reasons
               and (not packed or (args.packing and args.max_length))
               and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
