@@ -119,15 +119,10 @@ def peft_converts_experts(model) -> bool:
     return bool(taken_for_experts(model, {"gate", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}))
 
 
-def trainable_linears(model, names=None) -> list[str]:
-    """Layer-relative paths that get LoRA for all-linear (names None) or for these module names, with the
-    exclusions of the module docstring (routers are kept when named)."""
-    paths = layer_linears(model)
+def trainable_linears(model) -> list[str]:
+    """Layer-relative paths that get LoRA for all-linear, with the exclusions of the module docstring."""
+    paths = [p for p in layer_linears(model) if not is_router(p)]
     leaf = {path: path.rpartition(".")[2] for path in paths}
-    if names is None:
-        paths = [p for p in paths if not is_router(p)]
-    else:
-        paths = [p for p in paths if leaf[p] in names or p in names]
     taken = taken_for_experts(model, {leaf[p] for p in paths})
     return [p for p in paths if leaf[p] not in taken and not peft_refuses(model, leaf[p])]
 
