@@ -20,6 +20,11 @@ qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlo
 lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
 `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
+
+--arch picks the shape: llama-3.1-8b (the default), qwen3-8b (Qwen3's q/k norms), qwen3-30b-a3b (MoE, 128 experts, 24
+of its 48 layers unless BENCH_LAYERS says otherwise; the row's notes say how many), tiny and tiny-moe (CPU smoke tests).
+On an MoE shape both stacks train the experts too (lora.target_experts: true beside PEFT's own mapping of the baseline's
+gate/up/down_proj to them).
 """
 
 import argparse
@@ -43,14 +48,66 @@ PROFILE = os.environ.get("BENCH_PROFILE") in ("1", "cuda")
 MEMORY = os.environ.get("BENCH_MEMORY") == "1"
 TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")  # with BENCH_PROFILE: also keep each mode's trace there, gzipped
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+_QWEN3 = dict(model_type="qwen3", head_dim=128, vocab_size=151936, max_position_embeddings=8192, rope_theta=1e6,
+              rms_norm_eps=1e-6, tie_word_embeddings=False)
+# Each shape is its published config (architectures.py has the same entries); `layers` (BENCH_LAYERS overrides) fewer
+# than the model's, where its weights would not fit the GPU beside the step, and the row's notes say so.
 ARCHS = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096),  # a CPU smoke test
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny-moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152, num_experts=8,
+                     num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=4096),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8),
+    # 48 layers of bf16 experts are 57 GiB (bitsandbytes quantizes linear layers only, so QLoRA keeps them too):
+    # 24 layers leave the step room on an 80 GiB GPU.
+    "qwen3-30b-a3b": dict(_QWEN3, model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=48, layers=24, num_attention_heads=32, num_key_value_heads=4,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
-MATMUL_PARAMS = {"llama-3.1-8b": 7.5e9, "tiny": 3.3e6}  # non-embedding matmul parameters incl. lm_head, as the baseline counts
+LAYERS = os.environ.get("BENCH_LAYERS")
+
+
+def arch_config(arch: str):
+    """The transformers config of an --arch, with the layers the run builds."""
+    from transformers import AutoConfig
+
+    shape = dict(ARCHS[arch])
+    published = shape["num_hidden_layers"]
+    shape["num_hidden_layers"] = int(LAYERS or shape.pop("layers", published))
+    shape.pop("layers", None)
+    return AutoConfig.for_model(shape.pop("model_type"), **shape), published
+
+
+def arch_notes(arch: str) -> str:
+    config, published = arch_config(arch)
+    built = config.num_hidden_layers
+    return f"{built} of the model's {published} layers" if built != published else ""
+
+
+def is_moe(arch: str) -> bool:
+    return "num_experts" in ARCHS[arch]
+
+
+def matmul_params(arch: str) -> float:
+    """Non-embedding matmul parameters a token goes through, lm_head included (the routed experts: top-k of them)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config, _ = arch_config(arch)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    share = getattr(config, "num_experts_per_tok", 1) / getattr(config, "num_experts", 1) if experts else 0
+    return linear + experts * share
+
+
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16
 WORK = Path(tempfile.gettempdir()) / "lora-bench"
 REPO = Path(__file__).resolve().parent.parent
@@ -58,14 +115,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_model(arch: str) -> Path:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = WORK / arch
+    config, _ = arch_config(arch)
+    path = WORK / f"{arch}-{config.num_hidden_layers}"
     if (path / "config.json").is_file():
         return path
     started = time.time()
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(LlamaConfig(**ARCHS[arch])).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR", REPO / ".gpu" / "tokenizer")).save_pretrained(path)
     print(f"built {arch} with random weights in {time.time() - started:.0f} s", flush=True)
@@ -284,7 +342,7 @@ def measure(records, losses, trainable: int, arch: str, batch_size: int, graph_p
         torch.cuda.synchronize()
         seconds = t0.elapsed_time(t1) / 1e3
     tokens_per_second = int(n1 - n0) / seconds
-    flops_per_token = 4 * MATMUL_PARAMS[arch] + 6 * trainable
+    flops_per_token = 4 * matmul_params(arch) + 6 * trainable
     return {
         "tokens_per_second": round(tokens_per_second),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
@@ -321,7 +379,9 @@ def run_lora(mode: str, arch: str) -> dict:
         training.update(per_device_train_batch_size=BATCH, packing=True)  # packed rows of SEQ tokens, padding-free
     raw = {
         "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+        # On an MoE shape the baseline's TARGETS reach the experts (PEFT moves gate/up/down_proj to them): ours too.
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": [t for t in TARGETS if not (is_moe(arch) and t in MLP_NAMES)],
+                 "target_experts": is_moe(arch)},
         "data": {"train": str(write_data(data_kind))},
         "training": training,
         "output_dir": str(WORK / f"out-{mode}"),
@@ -482,6 +542,7 @@ def write_rows(results: dict, args, gpu: str) -> None:
         # The plain stack is paced by the host: its speed moves with the host's processor.
         "host_cpu": host_cpu(), "host_python_loop_ms": host_loop_ms(),
         "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}",
+        "notes": arch_notes(args.arch),
     }
     rows = []
     for mode, result in results.items():

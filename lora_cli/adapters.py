@@ -2,29 +2,36 @@
 the adapter's size. Shared by training, the memory plan and inspect-params; imports nothing above errors.py.
 """
 
-import torch
 from peft import LoraConfig
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
 from lora_cli.errors import LoraError
+from lora_cli.experts import all_linear_targets, check_named_targets, expert_parameters, is_linear, language_layers
 
 
 def linear_module_names(model) -> list[str]:
     """The distinct last names of the model's linear layers (what target_modules matches), lm_head excluded."""
     names = set()
     for name, module in model.named_modules():
-        kind = type(module).__name__
-        if isinstance(module, torch.nn.Linear) or kind in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+        if is_linear(module):
             names.add(name.split(".")[-1])
     names.discard("lm_head")
     return sorted(names)
 
 
 def lora_config(section, model):
-    """PEFT's LoraConfig from the recipe, with target modules checked against the loaded model."""
+    """PEFT's LoraConfig from the recipe, with target modules checked against the loaded model; all-linear and
+    the experts as experts.py defines them."""
     available = linear_module_names(model)
     targets = section.target_modules
     model_type = model.config.model_type
+    experts = expert_parameters(model) if section.target_experts else None
+    if section.target_experts and not experts:
+        raise LoraError(f"lora.target_experts: the {model_type} model has no experts (it is not a mixture-of-experts "
+                        "model); remove the key or set it to false.")
+    if experts and section.dropout:
+        raise LoraError("lora.dropout: PEFT's LoRA on the experts' weights (lora.target_experts: true) has no dropout; "
+                        "set lora.dropout: 0.")
     if targets is None and model_type not in DEFAULT_TARGETS:
         raise LoraError(
             f"lora.target_modules: PEFT has no default target modules for the '{model_type}' architecture; "
@@ -36,12 +43,18 @@ def lora_config(section, model):
             raise LoraError(
                 f"lora.target_modules: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a linear "
                 f"layer of this model. Its linear layers are: {', '.join(available)} (or write all-linear)."
+                + (" The routed experts are not linear layers: set lora.target_experts: true to train them."
+                   if expert_parameters(model) else "")
             )
+        check_named_targets(model, targets)
+    if targets == "all-linear":
+        targets = all_linear_targets(model)
     return LoraConfig(
         r=section.r,
         lora_alpha=section.alpha,
         lora_dropout=section.dropout,
         target_modules=targets,
+        target_parameters=experts,
         bias=section.bias,
         use_rslora=section.use_rslora,
         use_dora=section.use_dora,
@@ -61,4 +74,20 @@ def lora_parameter_count(model, lora_section) -> int:
         last = name.split(".")[-1]
         if targets == "all-linear" or (isinstance(targets, list) and last in targets):
             total += lora_section.r * (in_features + out_features)
+    if lora_section.target_experts:  # PEFT's ParamWrapper: A (r x experts, in), B (out, r x experts)
+        _, layers = language_layers(model)
+        for path in expert_parameters(model):
+            for layer in layers:
+                param = layer.get_parameter(path) if _has_parameter(layer, path) else None
+                if param is not None:
+                    experts, rows, columns = param.shape
+                    total += lora_section.r * experts * (rows + columns)
     return total
+
+
+def _has_parameter(module, path: str) -> bool:
+    try:
+        module.get_parameter(path)
+    except AttributeError:
+        return False
+    return True

@@ -1,8 +1,10 @@
 """The built-in registry of popular architectures, so `lora inspect-params` works offline.
 
 Each entry is the part of the model's config.json that fixes its shapes (sizes, layer and head counts,
-vocabulary, tied embeddings, model_type), copied from the published config; `params` is the published
-parameter count, which the tests check against the model that transformers builds from the entry.
+vocabulary, tied embeddings, model_type, experts), copied from the published config; `params` is the published
+parameter count, which the tests check against the model that transformers builds from the entry: exactly where
+the publisher gives it to the parameter (safetensors metadata), else `published` as its model card rounds it
+("8.2B"), and the built model must round to it.
 Rope settings and token ids are left out: they change no shape. Names match case-insensitively, with or
 without the organisation, and an instruct/chat variant finds its base (same shapes).
 """
@@ -38,8 +40,24 @@ _GEMMA2 = {"model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh", "vo
            "sliding_window": 4096, "tie_word_embeddings": True}
 
 
+_QWEN3 = {"model_type": "qwen3", "hidden_act": "silu", "rms_norm_eps": 1e-6, "vocab_size": 151936,
+          "max_position_embeddings": 40960, "head_dim": 128}
+_QWEN3_MOE = {**_QWEN3, "model_type": "qwen3_moe", "tie_word_embeddings": False, "num_experts_per_tok": 8,
+              "num_experts": 128}
+_GPT_OSS = {"model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+            "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64, "num_experts_per_tok": 4,
+            "sliding_window": 128, "max_position_embeddings": 131072, "tie_word_embeddings": False}
+_SMOLLM3 = {"model_type": "smollm3", "hidden_act": "silu", "rms_norm_eps": 1e-6, "vocab_size": 128256,
+            "max_position_embeddings": 65536, "tie_word_embeddings": True}
+
+
 def _entry(hub_id: str, params: int, config: dict, *aliases: str) -> dict:
     return {"hub_id": hub_id, "params": params, "config": config, "aliases": list(aliases)}
+
+
+def _carded(hub_id: str, published: str, config: dict, *aliases: str) -> dict:
+    """An entry whose parameter count is published rounded, on its model card ("8.2B", "21B")."""
+    return {"hub_id": hub_id, "params": None, "published": published, "config": config, "aliases": list(aliases)}
 
 
 # name -> hub id, published parameter count, config, other names
@@ -79,6 +97,31 @@ ARCHITECTURES: dict[str, dict] = {
                          "phi-3-mini-4k", "phi-3-mini-128k"),
     "gemma-2-2b": _entry("google/gemma-2-2b", 2_614_341_888,
                          _decoder(_GEMMA2, 2304, 9216, 26, 8, 4, head_dim=256, query_pre_attn_scalar=256)),
+    # 2025-26 models; published counts from their model cards
+    "qwen3-0.6b": _carded("Qwen/Qwen3-0.6B", "0.6B", _decoder(_QWEN3, 1024, 3072, 28, 16, 8, tie_word_embeddings=True)),
+    "qwen3-1.7b": _carded("Qwen/Qwen3-1.7B", "1.7B", _decoder(_QWEN3, 2048, 6144, 28, 16, 8, tie_word_embeddings=True)),
+    "qwen3-4b": _carded("Qwen/Qwen3-4B", "4.0B", _decoder(_QWEN3, 2560, 9728, 36, 32, 8, tie_word_embeddings=True)),
+    "qwen3-8b": _carded("Qwen/Qwen3-8B", "8.2B", _decoder(_QWEN3, 4096, 12288, 36, 32, 8, tie_word_embeddings=False)),
+    "qwen3-14b": _carded("Qwen/Qwen3-14B", "14.8B",
+                         _decoder(_QWEN3, 5120, 17408, 40, 40, 8, tie_word_embeddings=False)),
+    "qwen3-32b": _carded("Qwen/Qwen3-32B", "32.8B",
+                         _decoder(_QWEN3, 5120, 25600, 64, 64, 8, tie_word_embeddings=False)),
+    "qwen3-30b-a3b": _carded("Qwen/Qwen3-30B-A3B", "30.5B",
+                             _decoder(_QWEN3_MOE, 2048, 6144, 48, 32, 4, moe_intermediate_size=768)),
+    "qwen3-235b-a22b": _carded("Qwen/Qwen3-235B-A22B", "235B",
+                               _decoder(_QWEN3_MOE, 4096, 12288, 94, 64, 4, moe_intermediate_size=1536)),
+    "gpt-oss-20b": _carded("openai/gpt-oss-20b", "21B", {**_GPT_OSS, "num_hidden_layers": 24, "num_local_experts": 32}),
+    "gpt-oss-120b": _carded("openai/gpt-oss-120b", "117B",
+                            {**_GPT_OSS, "num_hidden_layers": 36, "num_local_experts": 128}),
+    "llama-3.3-70b": _entry("meta-llama/Llama-3.3-70B-Instruct", 70_553_706_496,
+                            _decoder(_LLAMA3, 8192, 28672, 80, 64, 8, tie_word_embeddings=False)),
+    "smollm3-3b": _carded("HuggingFaceTB/SmolLM3-3B", "3B", _decoder(_SMOLLM3, 2048, 11008, 36, 16, 4)),
+    "phi-4": _carded("microsoft/phi-4", "14.7B",
+                     _decoder({**_PHI3, "vocab_size": 100352, "max_position_embeddings": 16384, "pad_token_id": 100349},
+                              5120, 17920, 40, 40, 10)),
+    "mistral-small-24b": _carded("mistralai/Mistral-Small-24B-Base-2501", "24B",
+                                 _decoder(_MISTRAL, 5120, 32768, 40, 32, 8, head_dim=128, vocab_size=131072),
+                                 "mistral-small-24b-2501", "mistral-small-24b-instruct-2501"),
 }
 
 

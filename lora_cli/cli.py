@@ -223,6 +223,9 @@ def inspect_params(
     dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout (default: the recipe's, 0.05)."),
     dora: Optional[bool] = typer.Option(None, "--dora/--no-dora", help="DoRA (default: off)."),
     rslora: Optional[bool] = typer.Option(None, "--rslora/--no-rslora", help="rsLoRA scaling (default: off)."),
+    experts: Optional[bool] = typer.Option(
+        None, "--experts/--no-experts", help="MoE: LoRA on the routed experts too (lora.target_experts; default off)."
+    ),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Inspect what a recipe would train."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens a sequence (default 2048 or the recipe's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences a step (default 1, the recipe's)."),
@@ -234,7 +237,7 @@ def inspect_params(
     from lora_cli import inspect_params as inspection
 
     options = {"ranks": r, "target": target, "alpha": alpha, "dora": dora, "rslora": rslora, "dropout": dropout,
-               "seq_len": seq_len, "batch_size": batch_size}
+               "experts": experts, "seq_len": seq_len, "batch_size": batch_size}
     if recipe is not None:
         report = inspection.inspect_recipe(recipe, model=model, **options)
     elif model is not None:

@@ -18,6 +18,7 @@ Public functions, callable without the CLI:
 import copy
 import dataclasses
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -33,7 +34,8 @@ from trl import SFTConfig
 from lora_cli.adapters import linear_module_names, lora_config
 from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError, did_you_mean
-from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, decoder_layers, format_memory_plan,
+from lora_cli.experts import experts_modules, language_layers
+from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, format_memory_plan,
                              layer_key, layout_of, linear_shape, plan_for_layout, text_table)
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
 from lora_cli.recipe import LoraSection, load_recipe
@@ -175,7 +177,7 @@ def _adapter_bytes(peft_model, bytes_per_param: int) -> int:
 
 
 def _module_table(model, peft_model) -> list[dict]:
-    prefix, _ = decoder_layers(model)
+    prefix, _ = language_layers(model)
     targeted = {layer_key(name.removeprefix("base_model.model."), prefix)
                 for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)}
     rows: dict[tuple, dict] = {}
@@ -188,6 +190,33 @@ def _module_table(model, peft_model) -> list[dict]:
                                                  "lora": key in targeted})
             row["count"] += 1
     return list(rows.values())
+
+
+def _experts_table(model, peft_model) -> dict | None:
+    """The routed experts of an MoE model, apart from its linear modules: their weights (kept in bf16 by QLoRA:
+    bitsandbytes quantizes linear layers only) and, with lora.target_experts, their adapter's size."""
+    found = experts_modules(model)
+    if not found:
+        return None
+    prefix, layers = language_layers(model)
+    rows, weights = [], 0
+    for path, module in found.items():
+        shapes = {name: list(p.shape) for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+        count = sum(1 for layer in layers if _has_module(layer, path))
+        weights += count * sum(math.prod(shape) for shape in shapes.values())
+        rows.append({"module": path, "count": count, "experts": next(iter(shapes.values()))[0], "weights": shapes})
+    targeted = peft_model.peft_config["default"].target_parameters
+    lora = sum(p.numel() for name, p in peft_model.named_parameters()
+               if p.requires_grad and any(f".{path}." in name for path in found))
+    return {"modules": rows, "params": weights, "bf16_bytes": 2 * weights, "lora": bool(targeted), "trainable": lora}
+
+
+def _has_module(layer, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,6 +263,7 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
         if first is None:
             first = peft_model
     modules = _module_table(base, first)
+    experts = _experts_table(base, first)
     targeted = [m for m in lay.layer_modules if any(row["lora"] and row["module"] == m.path for row in modules)]
     config_target = first.peft_config["default"].target_modules
     plan = plan_for_layout(lay, rows[0]["trainable"], targeted, ranks[0], lora.dropout, lora.use_dora, seq_len, batch_size)
@@ -265,8 +295,10 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
             "dropout": lora.dropout,
             "dora": lora.use_dora,
             "rslora": lora.use_rslora,
+            "target_experts": lora.target_experts,
         },
         "modules": modules,
+        "experts": experts,
         "ranks": rows,
         "memory": plan,
         "notes": notes,
@@ -274,8 +306,9 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
 
 
 def inspect_params(model: str, ranks=None, target=None, alpha: float | None = None, dora: bool | None = False,
-                   rslora: bool | None = False, dropout: float | None = None, seq_len: int | None = DEFAULT_SEQ_LEN,
-                   batch_size: int | None = DEFAULT_BATCH_SIZE, trust_remote_code: bool = False) -> dict:
+                   rslora: bool | None = False, dropout: float | None = None, experts: bool | None = False,
+                   seq_len: int | None = DEFAULT_SEQ_LEN, batch_size: int | None = DEFAULT_BATCH_SIZE,
+                   trust_remote_code: bool = False) -> dict:
     """Exact PEFT counts for each rank (an int, a list, or "4,8,16") and a memory plan at the first rank.
 
     JSON-serialisable. None means the default: the recipe's for LoRA (recipe.LoraSection: r 16, alpha 32,
@@ -284,7 +317,8 @@ def inspect_params(model: str, ranks=None, target=None, alpha: float | None = No
     defaults = LoraSection()
     lora = LoraSection(
         alpha=defaults.alpha if alpha is None else alpha,
-        dropout=defaults.dropout if dropout is None else dropout,
+        dropout=(0.0 if experts else defaults.dropout) if dropout is None else dropout,  # the experts have no dropout
+        target_experts=bool(experts),
         target_modules=target,
         use_dora=bool(dora),
         use_rslora=bool(rslora),
@@ -295,12 +329,13 @@ def inspect_params(model: str, ranks=None, target=None, alpha: float | None = No
 
 
 def inspect_recipe(recipe_path, overrides=(), model: str | None = None, ranks=None, target=None, alpha=None,
-                   dora: bool | None = None, rslora: bool | None = None, dropout=None, seq_len: int | None = None,
-                   batch_size: int | None = None) -> dict:
+                   dora: bool | None = None, rslora: bool | None = None, dropout=None, experts: bool | None = None,
+                   seq_len: int | None = None, batch_size: int | None = None) -> dict:
     """What a recipe would train: its model and lora section, its max_length and batch size; arguments override."""
     recipe = load_recipe(recipe_path, list(overrides))
     lora = recipe.lora
-    changes = {"target_modules": target, "alpha": alpha, "use_dora": dora, "use_rslora": rslora, "dropout": dropout}
+    changes = {"target_modules": target, "alpha": alpha, "use_dora": dora, "use_rslora": rslora, "dropout": dropout,
+               "target_experts": experts}
     lora = dataclasses.replace(lora, **{k: v for k, v in changes.items() if v is not None})
     training = recipe.training
     if seq_len is None:
@@ -343,6 +378,18 @@ def format_report(report: dict) -> str:
     rows = [[row["module"], f"{row['count']}", f"{row['in_features']:,} -> {row['out_features']:,}",
              "yes" if row["lora"] else "no"] for row in report["modules"]]
     lines += text_table(["module", "count", "shape (in -> out)", "LoRA"], rows, right={1})
+    experts = report.get("experts")
+    if experts:
+        state = "yes (lora.target_experts)" if experts["lora"] else "no; lora.target_experts: true adds them"
+        lines += ["", f"Routed experts, 3-D weights rather than linear modules (LoRA: {state}):"]
+        rows = [[row["module"], f"{row['count']}", f"{row['experts']}",
+                 ", ".join(f"{name} {' x '.join(map(str, shape))}" for name, shape in row["weights"].items())]
+                for row in experts["modules"]]
+        lines += text_table(["module", "count", "experts", "weights (experts x in x out)"], rows, right={1, 2})
+        lines.append(f"  {experts['params']:,} parameters, {_size(experts['bf16_bytes'])} in bf16, also with QLoRA "
+                     "(bitsandbytes quantizes linear layers only)"
+                     + (f"; their adapter: {experts['trainable']:,} of the trainable parameters at "
+                        f"r={report['ranks'][0]['r']}." if experts["lora"] else "."))
     options = [f"alpha {lora['alpha']:g}", f"dropout {lora['dropout']:g}"]
     options += [name for name, on in (("DoRA", lora["dora"]), ("rsLoRA", lora["rslora"])) if on]
     lines += ["", f"PEFT's counts ({', '.join(options)}), adapter_model.safetensors fp32 / bf16:"]

@@ -40,9 +40,10 @@ from dataclasses import dataclass, field
 
 import torch
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-from transformers import AutoModelForCausalLM
 
 from lora_cli.errors import LoraError, first_line
+from lora_cli.experts import language_layers
+from lora_cli.multimodal import auto_class
 
 GIB = 2**30
 MIB = 2**20
@@ -129,20 +130,11 @@ def build_meta_model(config, trust_remote_code: bool = False):
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise LoraError(
             f"The model type '{config.model_type}' is not a causal language model: {first_line(error)}"
         ) from None
-
-
-def decoder_layers(model):
-    """(prefix, the ModuleList of decoder layers)."""
-    count = model.config.get_text_config().num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name:
-            return name, module
-    raise LoraError(f"Cannot find the {count} decoder layers of the {model.config.model_type} model.")
 
 
 def layer_key(name: str, prefix: str) -> str:
@@ -153,14 +145,23 @@ def layer_key(name: str, prefix: str) -> str:
     return name
 
 
+def _global(config, name: str):
+    """A config value, or None where the config has none or sets it per layer (Gemma 4 refuses the global read)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError, a class older versions lack
+        return None
+
+
 def layout_of(model) -> Layout:
     config = model.config.get_text_config()
-    _, layers = decoder_layers(model)
+    _, layers = language_layers(model)
     output_embeddings = model.get_output_embeddings()
     hidden = config.hidden_size
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = getattr(layers[0], "self_attn", None)  # Gemma 4 sizes heads per layer: its first layer's
+    head_dim = getattr(attention, "head_dim", None) or _global(config, "head_dim") or hidden // heads
+    kv_heads = _global(config, "num_key_value_heads") or heads
     quantizable, largest = 0, 0
     for module in model.modules():
         shape = linear_shape(module)

@@ -24,10 +24,13 @@ def hide_library_notices() -> None:
     transformers' deprecated `is_gradient_checkpointing` each time it attaches an adapter, so `lora generate` and
     `lora merge` printed a FutureWarning), and, on CPUs with AVX512-BF16, bitsandbytes' note that it could not load
     an optional kernel from the Hub (its own CPU code runs instead), with the `kernels` package's note, under
-    HF_HUB_OFFLINE, that it skipped that kernel's publisher check. Stdlib only: the CLI calls it first."""
+    HF_HUB_OFFLINE, that it skipped that kernel's publisher check; and on GPUs Liger's notes that the backends for
+    other hardware or DSLs (`liger_kernel.ops.backends._cutedsl`, `_ascend`) could not be imported, while its Triton
+    kernels, the ones lora uses, are there. Stdlib only: the CLI calls it first."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    for notices in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    warnings.filterwarnings("ignore", message=r"Backend impl .* could not be imported")
+    for notices in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub", "liger_kernel.ops"):
         logging.getLogger(notices).setLevel(logging.ERROR)
 
 
@@ -143,8 +146,9 @@ def load_model(
     device_map=None,
     field: str = "model.name_or_path",
 ):
-    """The base model, quantized with bitsandbytes when the quantization section asks for it."""
-    from transformers import AutoModelForCausalLM
+    """The base model, quantized with bitsandbytes when the quantization section asks for it; an image-text
+    checkpoint whole (multimodal.py)."""
+    from lora_cli.multimodal import auto_class
 
     if trust_remote_code:
         warnings.warn(f"trust_remote_code is on: code shipped with '{path}' will run on this machine.", stacklevel=2)
@@ -158,7 +162,8 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model_class = auto_class(load_config(path, trust_remote_code, field))
+        return model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         if use_safetensors and "safetensors" in str(e).lower():
             raise LoraError(

@@ -58,6 +58,8 @@ class LoraSection:
     use_rslora: bool = False
     use_dora: bool = False
     modules_to_save: list[str] | None = None
+    # Mixture-of-experts models: LoRA on the routed experts' weights too (PEFT's target_parameters, no dropout).
+    target_experts: bool = False
 
 
 @dataclass
@@ -391,6 +393,11 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
         ctx.fail("lora.alpha", f"must be positive, got {lora.alpha}.")
     if not 0 <= lora.dropout < 1:
         ctx.fail("lora.dropout", f"must be at least 0 and below 1, got {lora.dropout}.")
+    if lora.target_experts and lora.dropout:
+        if "dropout" in (raw.get("lora") or {}):
+            ctx.fail("lora.dropout", f"must be 0 with lora.target_experts: true (PEFT's LoRA on the experts' weights has "
+                                     f"no dropout); got {lora.dropout}.")
+        lora.dropout = 0.0  # the default 0.05 gives way to the experts
     _check_choice(ctx, "lora.bias", lora.bias, ("none", "all", "lora_only"))
     if isinstance(lora.target_modules, list) and not lora.target_modules:
         ctx.fail("lora.target_modules", "is an empty list: name modules, write all-linear, or leave it out.")

@@ -33,6 +33,7 @@ from lora_cli.reporting import drop_metrics_after
 from lora_cli.speed.policy import step_memory_plan
 from lora_cli.speed.step_overhead import trim_step_overhead
 from lora_cli.speed.wiring import use_own_kernels
+from lora_cli.unsupported import check_trainable
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False,
@@ -50,6 +51,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         # FSDP shards flat parameters of one dtype: 4-bit weights stored as the compute dtype can be sharded.
         recipe.quantization.bnb_4bit_quant_storage = str(pick_dtype(recipe.model.dtype)).removeprefix("torch.")
     model, tokenizer, model_path = load_base_for_recipe(recipe)
+    check_trainable(model)
     prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
     peft_config = lora_config(recipe.lora, model)
     args = sft_config(recipe, out, prepared.assistant_only_loss, model)

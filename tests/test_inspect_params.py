@@ -48,10 +48,18 @@ def test_llama_31_8b_all_linear_counts_grouped_query_attention_right():
         f"mlp.{p}_proj" for p in ("gate", "up", "down")}
 
 
-@pytest.mark.parametrize("key", list(ARCHITECTURES))
+@pytest.mark.parametrize("key", [key for key, entry in ARCHITECTURES.items() if entry["params"]])
 def test_registry_configs_build_the_published_parameter_counts(key):
     model = build_meta_model(registry_config(key))
     assert sum(p.numel() for p in model.parameters()) == ARCHITECTURES[key]["params"]
+
+
+@pytest.mark.parametrize("key", [key for key, entry in ARCHITECTURES.items() if not entry["params"]])
+def test_registry_configs_round_to_the_counts_their_model_cards_publish(key):
+    published = ARCHITECTURES[key]["published"]  # "8.2B": billions, to the digits the card gives
+    digits = len(published.rstrip("B").partition(".")[2])
+    count = sum(p.numel() for p in build_meta_model(registry_config(key)).parameters())
+    assert f"{count / 1e9:.{digits}f}B" == published
 
 
 @pytest.mark.parametrize("name,key", [

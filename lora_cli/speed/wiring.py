@@ -7,6 +7,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 
 from lora_cli.speed.checkpointing import offloaded_checkpointing
+from lora_cli.speed.coverage import off_reasons
 from lora_cli.speed.fused_loss import fused_loss_supported, use_fused_loss
 from lora_cli.speed.fused_mlp import fuse_gated_mlps, gated_mlps
 from lora_cli.speed.host_embedding import offload_embedding, offloadable_embedding, restore_embedding
@@ -28,7 +29,8 @@ def use_own_kernels(trainer, recipe) -> str:
     varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
-    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
+    reasons = off_reasons(trainer.model)
+    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in reasons else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
     if mlps:
         trainer.add_callback(FuseGatedMLPs())
@@ -36,7 +38,8 @@ def use_own_kernels(trainer, recipe) -> str:
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
-    graphs = (offload and recipe.speed.cuda_graphs and (not packed or (args.packing and args.max_length))
+    graphs = (offload and recipe.speed.cuda_graphs and "cuda_graphs" not in reasons
+              and (not packed or (args.packing and args.max_length))
               and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
     if graphs and packed:
         trainer.data_collator = FixedShapePackedBatches(
@@ -58,7 +61,13 @@ def use_own_kernels(trainer, recipe) -> str:
             f" offload_attention={'on' if attention else 'off'} ({attention})"
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
             f" fused_loss={'on' if fused_loss else 'off'}"
-            f" offload_embeddings={'on' if embedding is not None else 'off'}")
+            f" offload_embeddings={'on' if embedding is not None else 'off'}" + because(reasons, recipe.speed))
+
+
+def because(reasons: dict[str, str], speed) -> str:
+    """'; off for this architecture: lever (why), ...' for the levers the recipe allows and the architecture has not."""
+    named = [f"{lever} ({why})" for lever, why in reasons.items() if getattr(speed, lever)]
+    return f"; off for this architecture: {', '.join(named)}" if named else ""
 
 
 class FuseGatedMLPs(TrainerCallback):
