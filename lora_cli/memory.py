@@ -391,12 +391,14 @@ def mlp_intermediate_bytes(lay: Layout, tokens: int) -> int:
     return tokens * 3 * 2 * lay.intermediate
 
 
-def loss_chunk_rows(lay: Layout, tokens: int) -> int:
-    """Rows of logits speed/fused_loss.py computes at once: Liger's chunk (about 8 x hidden / vocabulary of the
-    rows, a power of two), at most LOSS_CHUNK_BYTES of logits."""
-    chunks = -(-lay.vocab // (8 * lay.hidden))
+def loss_chunk_rows(vocab: int, hidden: int, tokens: int) -> int:
+    """Rows of logits speed/fused_loss.py computes at once. Liger's chunk: logits of at most 8 x (tokens x hidden
+    size) values (8 keeps a chunk of 1,024 rows for the Llama-3 vocabulary at 4,096 tokens, 256 MB in bf16, matmuls
+    cuBLAS runs at full speed), a power of two; and at most LOSS_CHUNK_BYTES, as Liger's bound grows with the tokens
+    (32 GiB of logits at 524,288 tokens of Llama-3.1-8B)."""
+    chunks = -(-vocab // (8 * hidden))
     rows = 1 << (-(-tokens // chunks) - 1).bit_length()
-    cap = 1 << max(0, (LOSS_CHUNK_BYTES // (2 * lay.vocab)).bit_length() - 1)
+    cap = 1 << max(0, (LOSS_CHUNK_BYTES // (2 * vocab)).bit_length() - 1)
     return max(1, min(tokens, rows, cap))
 
 
@@ -438,7 +440,7 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
            + (2 * tile * c * h if off.tiled_mlp else 0))  # a tile's input gradient and output
     gqa = 2 * c * lay.q_dim if lay.kv_heads < lay.heads else 0
     attention = tokens * (c * lay.q_dim + c * (lay.q_dim + 2 * lay.kv_dim) + gqa + 4 * lay.q_dim + 4 * lay.heads)
-    loss = tokens * (3 * c * h + 8) + loss_chunk_rows(lay, tokens) * lay.vocab * c
+    loss = tokens * (3 * c * h + 8) + loss_chunk_rows(lay.vocab, h, tokens) * lay.vocab * c
     moments = {"backward of a layer: MLP": kept + rerun + mlp, "backward of a layer: attention": kept + rerun + attention,
                "end of forward (loss)": kept + loss}
     moment, peak = max(moments.items(), key=lambda kv: kv[1])
@@ -449,10 +451,10 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
 
 def lora_train_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int,
                           off: Offloading) -> dict:
-    """Host memory of lora train's step with these levers: pinned (layer inputs through torch's caching host
-    allocator, rounded up to powers of two; the attention in exact buffers; the embedding) and the process."""
+    """Host memory of lora train's step with these levers: pinned (the layer inputs and the attention in buffers of
+    their exact size, the embedding through torch's caching host allocator) and the process."""
     terms = {
-        "layer_inputs": off.host_layers * pinned_bytes(tokens * lay.hidden * 2),
+        "layer_inputs": off.host_layers * tokens * lay.hidden * 2,
         "attention": lay.layers * attention_host_bytes(lay, trained, rank, adapter_bytes, tokens) if off.attention else 0,
         "embedding": pinned_bytes(lay.vocab * lay.hidden * 2) if off.embedding else 0,
         "process": HOST_PROCESS_BYTES,
