@@ -369,15 +369,17 @@ def attention_offloadable(trained: list[LayerModule], dropout: float) -> bool:
     return dropout == 0 and {"q_proj", "k_proj", "v_proj", "o_proj"} <= attention
 
 
-def attention_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int) -> int:
+def attention_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int,
+                         compute_bytes: int = 2) -> int:
     """Host memory speed/offloaded_attention.py keeps for one layer: every storage the attention's backward reads
     (q and k after RoPE, v, SDPA's output, which o_proj reads as its input, the fp32 log-sum-exp, each projection's
     r-wide product x A^T; the bf16 casts of fp32 adapters) and the module's output, in buffers of their exact size
     (host_bytes, not the caching allocator). With a mask (padded rows) transformers repeats k and v to every query
     head; unpadded rows (batch 1, packed rows) take grouped-query attention as it is, which is what is counted."""
     projections = [m for m in trained if m.role == "attention"]
-    per_token = 2 * (2 * lay.q_dim + 2 * lay.kv_dim + lay.hidden + rank * len(projections)) + 4 * lay.heads
-    casts = 2 * rank * sum(m.in_features + m.out_features for m in projections) if adapter_bytes == 4 else 0
+    per_token = compute_bytes * (2 * lay.q_dim + 2 * lay.kv_dim + lay.hidden + rank * len(projections)) + 4 * lay.heads
+    casts = (compute_bytes * rank * sum(m.in_features + m.out_features for m in projections)
+             if adapter_bytes != compute_bytes else 0)
     return tokens * per_token + casts
 
 
