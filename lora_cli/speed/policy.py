@@ -151,6 +151,7 @@ def host_memory(proc: Path = Path("/proc"), cgroup: Path = Path("/sys/fs/cgroup"
     if override:
         try:
             available, source = int(float(override)), HOST_MEMORY_ENV
+            total = max(total, available)
         except ValueError:
             raise LoraError(f"{HOST_MEMORY_ENV}={override!r}: give the host memory to plan with in bytes, for example "
                             f"{HOST_MEMORY_ENV}={64 * GIB}.") from None
