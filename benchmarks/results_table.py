@@ -17,7 +17,10 @@ data (fixed: rows of seq_len tokens; varied: chat-like lengths), seq_len, batch_
 (max_memory_reserved), graph_pool_gib (CUDA graphs' memory pools), mfu, losses (logged at steps 5 and 10),
 baseline_mode, baseline_tokens_per_second and baseline_peak_gib (that mode's figures in the same run), gpu_power_w and
 gpu_sm_clock_mhz (means over the timed steps), host_cpu and host_python_loop_ms (the host, the same for a run's rows),
-command, notes.
+peak_host_gib (the process's peak resident host memory, VmHWM), pinned_host_gib (its peak VmPin, pages pinned for the
+GPU's copies where the driver accounts them), seconds_per_step (mean of the timed steps), outcome (ok, gpu_oom,
+host_oom, refused, timeout, failed; empty in rows from before it was recorded), command, notes (for lora train's
+modes, the levers it chose).
 """
 
 import argparse
@@ -32,7 +35,8 @@ COLUMNS = [
     "run", "date", "gpu", "gpu_name", "num_gpus", "commit", "model", "mode", "data", "seq_len", "batch_size",
     "tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "mfu", "losses",
     "baseline_mode", "baseline_tokens_per_second", "baseline_peak_gib",
-    "gpu_power_w", "gpu_sm_clock_mhz", "host_cpu", "host_python_loop_ms", "command", "notes",
+    "gpu_power_w", "gpu_sm_clock_mhz", "host_cpu", "host_python_loop_ms",
+    "peak_host_gib", "pinned_host_gib", "seconds_per_step", "outcome", "command", "notes",
 ]
 SHOWN = "run,mode,tokens_per_second,peak_gib,baseline_mode,baseline_tokens_per_second,baseline_peak_gib,losses"
 
@@ -45,9 +49,19 @@ def read_rows(path: Path = TABLE) -> list[dict]:
 
 
 def append_rows(rows: list[dict], path: Path = TABLE) -> None:
-    """Rows as dicts keyed by COLUMNS (missing ones left empty, lists written space-separated)."""
+    """Rows as dicts keyed by COLUMNS (missing ones left empty, lists written space-separated). A table written
+    with fewer columns is rewritten with all of them first (its rows keep their values, new columns empty)."""
     new = not path.is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not new:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if header != COLUMNS:
+            old_rows = read_rows(path)
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows({key: row.get(key, "") for key in COLUMNS} for row in old_rows)
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
         if new:

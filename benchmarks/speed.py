@@ -14,17 +14,25 @@ same data measured in the same run, with the losses logged at steps 5 and 10 (sa
 changes training shows there). The commit is the checkout's, or BENCH_COMMIT where the code was copied without git.
 
 Modes: baseline_qlora, baseline_lora, baseline_qlora_varied (the plain stack); qlora, lora, qlora_varied (lora
-train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc, baseline_lora_nogc (no gradient
-checkpointing);
+train's defaults; _varied packs chat-like lengths); qlora_documents (packs long documents, a quarter of the length
+typical: the varlen path at long max_length, beside qlora's fixed rows); lora_nogc, qlora_nogc, baseline_lora_nogc
+(no gradient checkpointing);
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
-lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
-`torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
+lora_trlloss, qlora_varied_novarlen, qlora_documents_novarlen, qlora_notiled (one default lever off); qlora_cudnn,
+qlora_flex (speed.attention_kernel: cuDNN's SDPA, FlexAttention); baseline_qlora_compile, qlora_compile (each with
+TRL's `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 
 --arch picks the shape: llama-3.1-8b (the default), qwen3-8b (Qwen3's q/k norms), qwen3-30b-a3b (MoE, 128 experts, 24
 of its 48 layers unless BENCH_LAYERS says otherwise; the row's notes say how many), tiny and tiny-moe (CPU smoke tests).
 On an MoE shape both stacks train the experts too (lora.target_experts: true beside PEFT's own mapping of the baseline's
 gate/up/down_proj to them).
+--layers N (BENCH_LAYERS) builds N decoder layers of any shape.
+
+Long sequences (docs/long-sequences.md): --seq-lens 32768,65536 runs every mode at each length, each in its own
+process, one row each, with --batch-size and --steps (BENCH_SEQ_LEN, BENCH_BATCH_SIZE, BENCH_STEPS for one length);
+each row has the process's peak host memory and an outcome: ok, gpu_oom (CUDA out of memory), host_oom (killed by
+SIGKILL: the kernel's out-of-memory killer), refused (lora train's memory check), timeout or failed.
 """
 
 import argparse
@@ -39,7 +47,10 @@ from pathlib import Path
 
 from results_table import TABLE, append_rows, current_commit, gpu_tag, run_id
 
-SEQ, BATCH, STEPS, WARM = int(os.environ.get("BENCH_SEQ_LEN", 2048)), 2, 14, 4
+SEQ, BATCH = int(os.environ.get("BENCH_SEQ_LEN", 2048)), int(os.environ.get("BENCH_BATCH_SIZE", 2))
+STEPS = int(os.environ.get("BENCH_STEPS", 14))
+WARM = min(4, STEPS - 1)  # steps before the timed ones; with one step (a long sequence's minutes), that step is timed
+LAYERS = int(os.environ.get("BENCH_LAYERS", 0))  # the architecture cut to this many decoder layers (0: all)
 # BENCH_PROFILE=1: print where two steps' GPU time goes (steps WARM+1, WARM+2), with the host calls around each
 # idle gap; =cuda: GPU activity only, which leaves the host's speed as it is (the host-side profiler slows it).
 PROFILE = os.environ.get("BENCH_PROFILE") in ("1", "cuda")
@@ -70,7 +81,6 @@ ARCHS = {
                           num_hidden_layers=48, layers=24, num_attention_heads=32, num_key_value_heads=4,
                           num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
-LAYERS = os.environ.get("BENCH_LAYERS")
 
 
 def arch_config(arch: str):
@@ -131,15 +141,21 @@ def build_model(arch: str) -> Path:
 
 
 def write_data(kind: str) -> Path:
-    """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..2048."""
+    """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..SEQ;
+    documents: long documents, log-normal, median SEQ / 4, SEQ / 64..SEQ, enough to pack the steps' rows.
+    The file's name has the length, batch size and steps it was written for."""
     import numpy as np
 
-    path = WORK / f"{kind}.jsonl"
+    path = WORK / f"{kind}-{SEQ}x{BATCH}-{STEPS}.jsonl"
     if path.is_file():
         return path
     rng = np.random.default_rng(0)
     if kind == "fixed":
         lengths = [SEQ] * (BATCH * (STEPS + 1))
+    elif kind == "documents":
+        lengths = []
+        while sum(lengths) < 1.5 * BATCH * SEQ * (STEPS + 1):
+            lengths.append(int(np.clip(rng.lognormal(mean=np.log(SEQ / 4), sigma=0.8), SEQ // 64, SEQ)))
     else:
         lengths = np.clip(rng.lognormal(mean=np.log(300), sigma=0.9, size=4000), 30, SEQ).astype(int).tolist()
     with path.open("w") as handle:
@@ -222,6 +238,8 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
                     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if WARM == 0 and not records:  # the one step is timed from its start
+                records.append((stamp_now(), 0))
             if PROFILE and state.global_step == WARM:
                 activities = [] if os.environ["BENCH_PROFILE"] == "cuda" else [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
@@ -232,12 +250,7 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
         def on_step_end(self, args, state, control, **kwargs):
             # A CUDA event, not a sync: a sync a step would keep the host from running ahead of the GPU, which is
             # what a run without this timer does.
-            if torch.cuda.is_available():
-                stamp = torch.cuda.Event(enable_timing=True)
-                stamp.record()
-            else:
-                stamp = time.time()
-            records.append((stamp, TOKENS_SEEN[0] if TOKENS_SEEN else state.num_input_tokens_seen))
+            records.append((stamp_now(), TOKENS_SEEN[0] if TOKENS_SEEN else state.num_input_tokens_seen))
             if torch.cuda.is_available() and state.global_step == WARM:
                 GPU_SAMPLER.start()
             if state.global_step == STEPS:
@@ -257,6 +270,17 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
                 losses.append(round(float(logs["loss"]), 5))
 
     return StepTimer()
+
+
+def stamp_now():
+    """A CUDA event recorded now (no sync), or the time on a CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return time.time()
+    stamp = torch.cuda.Event(enable_timing=True)
+    stamp.record()
+    return stamp
 
 
 def print_profile(profiler) -> None:
@@ -335,7 +359,8 @@ def print_memory_peak(snapshot: dict) -> None:
 def measure(records, losses, trainable: int, arch: str, batch_size: int, graph_pools=()) -> dict:
     import torch
 
-    (t0, n0), (t1, n1) = records[WARM - 1], records[-1]
+    first = max(WARM - 1, 0)  # the end of the last untimed step, or the start of the one step
+    (t0, n0), (t1, n1) = records[first], records[-1]
     if isinstance(t0, float):
         seconds = t1 - t0
     else:
@@ -345,6 +370,8 @@ def measure(records, losses, trainable: int, arch: str, batch_size: int, graph_p
     flops_per_token = 4 * matmul_params(arch) + 6 * trainable
     return {
         "tokens_per_second": round(tokens_per_second),
+        "seconds_per_step": round(seconds / (len(records) - 1 - first), 3),
+        "seq_len": SEQ,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         # CUDA graphs' memory pool is reserved, not allocated, while they replay: reserved shows it.
         "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
@@ -373,9 +400,9 @@ def run_lora(mode: str, arch: str) -> dict:
     from lora_cli.recipe import build_recipe
     from lora_cli.train import train
 
-    data_kind = "varied" if "varied" in mode else "fixed"
+    data_kind = data_kind_of(mode)
     training = training_settings(data_kind)
-    if data_kind == "varied":
+    if data_kind != "fixed":
         training.update(per_device_train_batch_size=BATCH, packing=True)  # packed rows of SEQ tokens, padding-free
     raw = {
         "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
@@ -407,6 +434,10 @@ def run_lora(mode: str, arch: str) -> dict:
         raw["speed"] = {"offload_attention": False}
     if mode.endswith("_trlloss"):
         raw["speed"] = {"fused_loss": False}
+    if mode.endswith("_notiled"):
+        raw["speed"] = {"tiled_mlp": False}
+    if mode.endswith(("_cudnn", "_flex")):  # an attention kernel instead of SDPA's flash (docs/long-sequences.md)
+        raw["speed"] = {"attention_kernel": mode.rpartition("_")[2]}
     if mode.endswith("_compile"):  # not a lever of ours: TRL's torch.compile on top of the defaults
         raw["training"]["torch_compile"] = True
     records, losses, graph_pools = [], [], []
@@ -428,7 +459,7 @@ def run_baseline(mode: str, arch: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     path = build_model(arch)
-    data_kind = "varied" if "varied" in mode else "fixed"
+    data_kind = data_kind_of(mode)
     kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
     if "qlora" in mode:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -478,6 +509,10 @@ def run_unsloth(arch: str) -> dict:
     return measure(records, losses, trainable, arch, BATCH)
 
 
+def data_kind_of(mode: str) -> str:
+    return next((kind for kind in ("varied", "documents") if kind in mode), "fixed")
+
+
 def run_mode(mode: str, arch: str) -> None:
     if mode == "build":
         build_model(arch)
@@ -495,6 +530,11 @@ def main() -> None:
     parser.add_argument("--arch", default="llama-3.1-8b", choices=sorted(ARCHS))
     parser.add_argument("--results", default=str(TABLE.parent), help="folder of the results.csv the rows go to")
     parser.add_argument("--timeout", type=int, default=240, help="seconds per mode")
+    parser.add_argument("--seq-lens", help="comma-separated sequence lengths, each mode at each (BENCH_SEQ_LEN: one)")
+    parser.add_argument("--batch-size", type=int, help="sequences a step (BENCH_BATCH_SIZE; default 2)")
+    parser.add_argument("--steps", type=int, help="steps a mode runs, the first min(4, steps - 1) untimed "
+                                                   "(BENCH_STEPS; default 14; 1: that step timed)")
+    parser.add_argument("--layers", type=int, help="the architecture cut to this many decoder layers (BENCH_LAYERS)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -502,60 +542,146 @@ def main() -> None:
         return
     import torch
 
+    settings = {"BENCH_BATCH_SIZE": args.batch_size, "BENCH_STEPS": args.steps, "BENCH_LAYERS": args.layers}
+    env = {**os.environ, **{key: str(value) for key, value in settings.items() if value is not None}}
+    if int(env.get("BENCH_STEPS", STEPS)) < 1:
+        sys.exit("--steps: at least 1")
     # Built in a process of its own: this one must not hold GPU memory while the modes measure theirs.
-    subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", "build"], check=True)
+    subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", "build"], check=True, env=env)
+    lengths = [int(n) for n in args.seq_lens.split(",")] if args.seq_lens else [SEQ]
     results = {}
-    for mode in args.modes.split(","):
-        try:
-            env = {"CUDA_VISIBLE_DEVICES": "0", **os.environ}  # one process, one GPU, as `lora train` does
+    for length in lengths:
+        for mode in args.modes.split(","):
+            mode_env = {"CUDA_VISIBLE_DEVICES": "0", **env, "BENCH_SEQ_LEN": str(length)}  # one process, one GPU
             if mode == "unsloth" and os.environ.get("UNSLOTH_SITE"):
                 # Unsloth pins older TRL and datasets: its own packages come first, in its own process.
-                env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-            proc = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--one", mode],
-                                  capture_output=True, text=True, timeout=args.timeout, env=env)
-        except subprocess.TimeoutExpired:
-            print(f"{mode:>16}: timed out after {args.timeout} s", flush=True)
-            continue
-        for line in proc.stdout.splitlines():
-            if line.startswith(("precision and speed:", "trainable params:", "memory plan:", "PROFILE ", "MEMORY ")):
-                print(f"{mode:>16}  {line}")
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if lines:
-            results[mode] = json.loads(lines[-1][7:])
-            print(f"{mode:>16}: {results[mode]}", flush=True)
-        else:
-            print(f"{mode:>16}: failed (rc {proc.returncode})\n{(proc.stdout + proc.stderr)[-3000:]}", flush=True)
+                mode_env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"],
+                                                                       env.get("PYTHONPATH")]))
+            results[(length, mode)] = run_process(mode, length, args, mode_env)
     write_rows(results, args, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
 
 
+def run_process(mode: str, length: int, args, env: dict) -> dict:
+    """One mode at one length in a process of its own: its result, or the outcome that ended it, with its peak host
+    memory (read every half second, so that a process the kernel kills has one too)."""
+    label = f"{mode}@{length}"
+    proc = subprocess.Popen([sys.executable, __file__, "--arch", args.arch, "--one", mode], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watch = HostMemoryWatch(proc.pid)
+    watch.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    watch.stop()
+    for line in stdout.splitlines():
+        if line.startswith(("precision and speed:", "trainable params:", "memory plan", "PROFILE ", "MEMORY ")):
+            print(f"{label:>22}  {line}")
+    host = {"peak_host_gib": watch.peak_gib("VmHWM"), "pinned_host_gib": watch.peak_gib("VmPin")}
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if lines and proc.returncode == 0:
+        result = {**json.loads(lines[-1][7:]), **host, "outcome": "ok", "notes": lever_line(stdout)}
+        print(f"{label:>22}: {result}", flush=True)
+        return result
+    outcome, note = failure(proc.returncode, stdout + stderr, timed_out, args.timeout)
+    print(f"{label:>22}: {outcome} (rc {proc.returncode}) {note}\n{(stdout + stderr)[-3000:]}", flush=True)
+    return {"mode": mode, "seq_len": length, "batch_size": int(env.get("BENCH_BATCH_SIZE", BATCH)), **host,
+            "outcome": outcome, "notes": note}
+
+
+def failure(returncode: int, output: str, timed_out: bool, timeout: int) -> tuple[str, str]:
+    """How a mode's process ended without a result: the outcome column's value and a note."""
+    errors = [line for line in output.splitlines() if "Error" in line or line.startswith("error:")]
+    last = errors[-1].strip()[:300] if errors else ""
+    if timed_out:
+        return "timeout", f"killed after {timeout} s"
+    if "out of memory" in output and ("CUDA" in output or "OutOfMemoryError" in output):
+        return "gpu_oom", last
+    if returncode == -9:
+        return "host_oom", "killed by SIGKILL (the kernel's out-of-memory killer)"
+    if "LoraError" in output:
+        return "refused", last.partition("LoraError: ")[2] or last
+    return "failed", last
+
+
+def lever_line(stdout: str) -> str:
+    """The levers lora train chose (its `precision and speed:` line), for the row's notes."""
+    line = next((line for line in stdout.splitlines() if line.startswith("precision and speed:")), "")
+    return line.partition(" packing=")[2].partition(" ")[2]
+
+
+class HostMemoryWatch:
+    """A process's peak resident memory (VmHWM) and pinned memory (VmPin, where the driver accounts it), read from
+    /proc every half second on a thread."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peaks, self.done = pid, {}, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    name, _, value = line.partition(":")
+                    if name in ("VmHWM", "VmPin"):
+                        self.peaks[name] = max(self.peaks.get(name, 0), int(value.split()[0]) * 1024)
+            except (OSError, ValueError, IndexError):
+                pass
+            self.done.wait(0.5)
+
+    def peak_gib(self, name: str) -> float | None:
+        value = self.peaks.get(name)
+        return round(value / 2**30, 2) if value else None
+
+
 MEASURED = ("tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "mfu", "losses", "gpu_power_w",
-            "gpu_sm_clock_mhz")
+            "gpu_sm_clock_mhz", "peak_host_gib", "pinned_host_gib", "seconds_per_step", "outcome", "notes")
+# The mode a row is compared with, measured in the same run at the same length: the plain stack, except for packed
+# long documents, whose comparison is lora train's own fixed-length rows (the varlen path's share of that rate).
+BASELINE_OF = {"qlora_documents": "qlora", "qlora_documents_novarlen": "qlora"}
 
 
 def write_rows(results: dict, args, gpu: str) -> None:
-    """One row per measured mode; a `lora` mode's row and Unsloth's carry the baseline measured beside them."""
+    """One row per measured mode and length; a `lora` mode's row and Unsloth's carry the baseline measured beside
+    them."""
     table = Path(args.results) / "results.csv"
     date, commit = datetime.date.today().isoformat(), os.environ.get("BENCH_COMMIT") or current_commit()
+    options = "".join(f" --{name.replace('_', '-')} {value}" for name, value in
+                      (("seq_lens", args.seq_lens), ("batch_size", args.batch_size), ("steps", args.steps),
+                       ("layers", args.layers)) if value is not None)
     run = {
         "run": run_id(date, gpu_tag(gpu), commit, TABLE, table), "date": date, "gpu": gpu_tag(gpu), "gpu_name": gpu,
-        "num_gpus": 1, "commit": commit, "model": args.arch, "seq_len": SEQ,
+        "num_gpus": 1, "commit": commit,
+        "model": f"{args.arch}-{args.layers or LAYERS}layers" if args.layers or LAYERS else args.arch,
         # The plain stack is paced by the host: its speed moves with the host's processor.
         "host_cpu": host_cpu(), "host_python_loop_ms": host_loop_ms(),
-        "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}",
+        "command": f"python benchmarks/speed.py --modes {args.modes} --arch {args.arch}{options}",
         "notes": arch_notes(args.arch),
     }
     rows = []
-    for mode, result in results.items():
-        data_kind = "varied" if "varied" in mode else "fixed"
-        baseline_mode = None
-        if not mode.startswith("baseline_"):
+    for (length, mode), result in results.items():
+        data_kind = data_kind_of(mode)
+        baseline_mode = BASELINE_OF.get(mode)
+        if baseline_mode is None and not mode.startswith("baseline_"):
             method = "lora" if mode.startswith("lora") else "qlora"  # unsloth runs QLoRA
             baseline_mode = f"baseline_{method}{'_varied' if data_kind == 'varied' else ''}"
-        baseline = results.get(baseline_mode, {})
+        baseline = results.get((length, baseline_mode), {}) if baseline_mode else {}
         rows.append({
-            **run, "mode": mode, "data": data_kind, "batch_size": result["batch_size"],
-            **{key: result.get(key) for key in MEASURED},
-            "baseline_mode": baseline_mode if baseline else None,
+            **run, "mode": mode, "data": data_kind, "seq_len": result.get("seq_len", length),
+            "batch_size": result["batch_size"], **{key: result.get(key) for key in MEASURED},
+            "baseline_mode": baseline_mode if baseline.get("tokens_per_second") else None,
             "baseline_tokens_per_second": baseline.get("tokens_per_second"),
             "baseline_peak_gib": baseline.get("peak_gib"),
         })

@@ -38,7 +38,8 @@ from lora_cli.experts import experts_modules, language_layers
 from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, format_memory_plan,
                              layer_key, layout_of, linear_shape, plan_for_layout, text_table)
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
-from lora_cli.recipe import LoraSection, load_recipe
+from lora_cli.recipe import LoraSection, SpeedSection, load_recipe
+from lora_cli.speed.policy import choose_offloading, host_memory
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH_SIZE = 1
@@ -268,6 +269,13 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
     config_target = first.peft_config["default"].target_modules
     plan = plan_for_layout(lay, rows[0]["trainable"], targeted, ranks[0], lora.dropout, lora.use_dora, seq_len, batch_size)
     notes = []
+    host = host_memory()
+    host_fit = {}
+    for row in plan["rows"]:
+        if row["method"] in plan["lora_train"] and row["gradient_checkpointing"]:
+            choice = choose_offloading(lay, row, targeted, ranks[0], lora.dropout, seq_len * batch_size,
+                                       SpeedSection(), host, None)
+            host_fit[row["method"]] = {lever: reason for lever, reason in choice.reasons.items() if lever != "tiled_mlp"}
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         notes.append(f"{seq_len} tokens is more than the model's {max_positions:,} positions; plan with "
@@ -301,6 +309,8 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
         "experts": experts,
         "ranks": rows,
         "memory": plan,
+        # This machine's host memory and what lora train's policy would turn off for it (GPU not checked here)
+        "host_memory": {**dataclasses.asdict(host), "description": host.describe(), "levers_off": host_fit},
         "notes": notes,
     }
 
@@ -408,5 +418,10 @@ def format_report(report: dict) -> str:
         if recipe["load_in_8bit"]:
             lines.append("  8-bit loading is not modelled: expect a peak between the QLoRA and LoRA rows.")
     lines += ["", format_memory_plan(report["memory"], highlight)]
+    host = report["host_memory"]
+    off = {method: reasons for method, reasons in host["levers_off"].items() if reasons}
+    lines.append(f"  This machine: {host['description']}" + (": the default levers fit." if not off else ";"))
+    for method, reasons in off.items():
+        lines.append(f"  {METHOD_NAMES[method]}: " + "; ".join(f"{lever}: {why}" for lever, why in reasons.items()))
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)

@@ -35,6 +35,7 @@ Public functions:
   format_memory_plan(plan, highlight=None) -> str     highlight=("qlora", True) marks a row.
 """
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -303,6 +304,10 @@ def plan_for_layout(lay: Layout, lora_trainable: int, trained: list[LayerModule]
         for method in METHODS
         for checkpointing in (True, False)
     ]
+    tokens = seq_len * batch_size
+    lora_train = {row["method"]: lora_train_plan(lay, row, trained, rank, tokens,
+                                                 default_offloading(lay, row["method"], trained, dropout, tokens))
+                  for row in rows if row["method"] != "full" and row["gradient_checkpointing"]}
     return {
         "seq_len": seq_len,
         "batch_size": batch_size,
@@ -313,12 +318,166 @@ def plan_for_layout(lay: Layout, lora_trainable: int, trained: list[LayerModule]
         # What lora train's offloaded checkpointing (speed/checkpointing.py, on GPUs) keeps in host memory instead: each
         # decoder layer's bf16 input. Measured: QLoRA 7.37 -> 6.56 GiB on the Llama-3.1-8B shape (plan: 1.0 GiB).
         "offloaded": lay.layers * batch_size * seq_len * lay.hidden * 2,
+        # lora train's own step on a GPU with its default levers, GPU and host memory (lora_train_plan)
+        "lora_train": lora_train,
         "assumptions": (
             "peak = torch.cuda.max_memory_allocated of a TRL SFTTrainer step: bf16 autocast, AdamW, SDPA, "
             "TRL's chunked LM head; LoRA adapters fp32 (PEFT), QLoRA adapters bf16 (TRL); full fine-tuning keeps "
             f"fp32 weights. device = peak x {1 + ALLOCATOR_SLACK:g} + {CUDA_CONTEXT_BYTES / GIB:g} GiB CUDA context."
         ),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lora train on a GPU: the memory of its levers at any length, and the host memory offloading pins
+#
+# The rows above model the plain stack. lora train's step on a GPU (speed/: checkpointing with the layer inputs in
+# host memory, the attention's saved tensors there too, the fused MLP, the chunked loss) keeps different tensors,
+# and at long sequences the host memory it pins is the limit that kills a run (issue 27: 99 GB resident at 131,072
+# tokens, no message). lora_train_plan counts both, for one choice of levers (Offloading); speed/policy.py picks the
+# choice that fits the GPU and the host. Counted from what the code allocates (bf16 compute), per tokens T = batch x
+# length; docs/long-sequences.md lists the terms and the command that measures them.
+
+HOST_PROCESS_BYTES = 4 * GIB  # unpinned host memory of a training process: Python, the libraries, CUDA's host side,
+# the data. An allowance, not a count: 77 GiB were in use at 65,536 tokens (issue 27), the pinned terms are 73.5.
+TILED_MLP_TOKENS = 8192  # tokens per tile of speed/tiled_mlp.py: 224 MiB per intermediate-wide tensor for Llama-3.1-8B
+# speed.tiled_mlp is on where one layer's MLP intermediates of the whole sequence (the gate and up outputs and the
+# gradient at their product) would take more than this.
+TILED_MLP_FROM_BYTES = 2 * GIB
+LOSS_CHUNK_BYTES = GIB  # speed/fused_loss.py: the most its logits chunk takes (rows x vocabulary x 2 bytes)
+
+
+@dataclass(frozen=True)
+class Offloading:
+    """One choice of lora train's memory levers on a GPU (speed.* keys)."""
+
+    host_layers: int  # layers whose checkpointed input waits in host memory (the first ones); the rest keep it on GPU
+    attention: bool  # speed.offload_attention: each layer's attention saved tensors and output in host memory
+    embedding: bool  # speed.offload_embeddings: the input embedding in pinned host memory
+    tiled_mlp: bool  # speed.tiled_mlp: the MLP computed in tiles of TILED_MLP_TOKENS tokens
+    liger_norms: bool = True  # Liger's RMSNorm keeps its bf16 input; transformers' keeps an fp32 copy
+
+
+def pinned_bytes(count: int) -> int:
+    """Host memory torch's caching host allocator takes for count bytes of pinned memory: the next power of two
+    (c10's CachingHostAllocator rounds every pinned allocation up so that blocks can be reused)."""
+    return 1 << (count - 1).bit_length() if count > 0 else 0
+
+
+def attention_offloadable(trained: list[LayerModule], dropout: float) -> bool:
+    """offloaded_attention.attention_of: all four attention projections trained (fused), no LoRA dropout."""
+    attention = {m.leaf for m in trained if m.role == "attention"}
+    return dropout == 0 and {"q_proj", "k_proj", "v_proj", "o_proj"} <= attention
+
+
+def attention_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int,
+                         compute_bytes: int = 2) -> int:
+    """Host memory speed/offloaded_attention.py keeps for one layer: every storage the attention's backward reads
+    (q and k after RoPE, v, SDPA's output, which o_proj reads as its input, the fp32 log-sum-exp, each projection's
+    r-wide product x A^T; the bf16 casts of fp32 adapters) and the module's output, in buffers of their exact size
+    (host_bytes, not the caching allocator). With a mask (padded rows) transformers repeats k and v to every query
+    head; unpadded rows (batch 1, packed rows) take grouped-query attention as it is, which is what is counted."""
+    projections = [m for m in trained if m.role == "attention"]
+    per_token = compute_bytes * (2 * lay.q_dim + 2 * lay.kv_dim + lay.hidden + rank * len(projections)) + 4 * lay.heads
+    casts = (compute_bytes * rank * sum(m.in_features + m.out_features for m in projections)
+             if adapter_bytes != compute_bytes else 0)
+    return tokens * per_token + casts
+
+
+def tiled_mlp_pays(lay: Layout, tokens: int) -> bool:
+    return mlp_intermediate_bytes(lay, tokens) > TILED_MLP_FROM_BYTES
+
+
+def mlp_intermediate_bytes(lay: Layout, tokens: int) -> int:
+    """One layer's MLP intermediates in its backward: the gate and up outputs (the fused MLP writes their gradients
+    over them) and the gradient at their product, bf16."""
+    return tokens * 3 * 2 * lay.intermediate
+
+
+def loss_chunk_rows(vocab: int, hidden: int, tokens: int) -> int:
+    """Rows of logits speed/fused_loss.py computes at once. Liger's chunk: logits of at most 8 x (tokens x hidden
+    size) values (8 keeps a chunk of 1,024 rows for the Llama-3 vocabulary at 4,096 tokens, 256 MB in bf16, matmuls
+    cuBLAS runs at full speed), a power of two; and at most LOSS_CHUNK_BYTES, as Liger's bound grows with the tokens
+    (32 GiB of logits at 524,288 tokens of Llama-3.1-8B)."""
+    chunks = -(-vocab // (8 * hidden))
+    rows = 1 << (-(-tokens // chunks) - 1).bit_length()
+    cap = 1 << max(0, (LOSS_CHUNK_BYTES // (2 * vocab)).bit_length() - 1)
+    return max(1, min(tokens, rows, cap))
+
+
+def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], rank: int, tokens: int,
+                         off: Offloading) -> dict:
+    """GPU memory of lora train's checkpointed step with these levers: the largest of three moments.
+
+    Kept through the step: weights, adapters, their gradients and AdamW's moments (the row's), the layer inputs
+    kept on the GPU, the rotary tables (cos and sin for every position, bf16), the token ids, labels and positions.
+    The backward of one layer adds its rerun: the gradient at its output, its input (brought back from the host,
+    and the next one already coming), the attention's input (the norm's output) and saved tensors (q, k, v, output,
+    log-sum-exp; back from the host or recomputed); then
+      MLP half:       the post-attention norm's saved input, the MLP's input and the gradient at it, and the MLP's
+                      intermediates (for the whole sequence, or one tile with speed.tiled_mlp);
+      attention half: the gradient at the attention output and the flash backward's dq, dk, dv, fp32 dq
+                      accumulator and softmax sums (dk and dv for every query head first, under grouped-query
+                      attention).
+    End of forward: the last hidden states, the final norm's output, the gradient the loss computes in its
+    forward, and one chunk of logits (loss_chunk_rows).
+    No L x L mask: unpadded rows give SDPA none (is_causal), packed rows none on the varlen path (speed/varlen.py);
+    tests/test_memory.py checks both."""
+    h, c = lay.hidden, 2
+    static = row["weights"] + row["lora_params"] + row["gradients"] + row["optimizer"]
+    if off.embedding:
+        static -= c * lay.vocab * h
+    kept = (static + (lay.layers - off.host_layers) * tokens * h * c + tokens * 2 * lay.head_dim * c
+            + tokens * 3 * 8 + CUBLAS_WORKSPACES)
+    saved_attention = attention_host_bytes(lay, [], 0, 2, tokens) - tokens * c * h  # without the output
+    saved_attention += tokens * c * rank * sum(m.role == "attention" for m in trained)
+    brought_back = tokens * c * h * (2 if off.host_layers else 0) + (tokens * c * h if off.attention else 0)
+    norm_bytes = 2 if off.liger_norms else 4
+    rerun = (tokens * c * h  # the gradient at the layer's output
+             + tokens * c * h  # the norm's output, the attention's input
+             + (0 if off.liger_norms else tokens * 4 * h)  # transformers' input norm keeps an fp32 copy
+             + brought_back + saved_attention)
+    tile = min(tokens, TILED_MLP_TOKENS) if off.tiled_mlp else tokens
+    dequantized = 2 * 2 * h * lay.intermediate if row["method"] == "qlora" else 0  # gate's and up's, for the backward
+    mlp = (tokens * (norm_bytes * h + 2 * c * h) + mlp_intermediate_bytes(lay, tile) + dequantized
+           + (2 * tile * c * h if off.tiled_mlp else 0))  # a tile's input gradient and output
+    gqa = 2 * c * lay.q_dim if lay.kv_heads < lay.heads else 0
+    attention = tokens * (c * lay.q_dim + c * (lay.q_dim + 2 * lay.kv_dim) + gqa + 4 * lay.q_dim + 4 * lay.heads)
+    loss = tokens * (3 * c * h + 8) + loss_chunk_rows(lay.vocab, h, tokens) * lay.vocab * c
+    moments = {"backward of a layer: MLP": kept + rerun + mlp, "backward of a layer: attention": kept + rerun + attention,
+               "end of forward (loss)": kept + loss}
+    moment, peak = max(moments.items(), key=lambda kv: kv[1])
+    return {"peak": peak, "device": int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES, "peak_at": moment,
+            "static": static, "layer_inputs": (lay.layers - off.host_layers) * tokens * h * c,
+            "rerun": rerun, "mlp": mlp, "attention": attention, "loss": loss}
+
+
+def lora_train_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int,
+                          off: Offloading) -> dict:
+    """Host memory of lora train's step with these levers: pinned (the layer inputs and the attention in buffers of
+    their exact size, the embedding through torch's caching host allocator) and the process."""
+    terms = {
+        "layer_inputs": off.host_layers * tokens * lay.hidden * 2,
+        "attention": lay.layers * attention_host_bytes(lay, trained, rank, adapter_bytes, tokens) if off.attention else 0,
+        "embedding": pinned_bytes(lay.vocab * lay.hidden * 2) if off.embedding else 0,
+        "process": HOST_PROCESS_BYTES,
+    }
+    return {**terms, "total": sum(terms.values())}
+
+
+def lora_train_plan(lay: Layout, row: dict, trained: list[LayerModule], rank: int, tokens: int,
+                    off: Offloading) -> dict:
+    """GPU and host memory of lora train's step (row: the plan's row of its method, checkpointing on)."""
+    adapter_bytes = 4 if row["method"] == "lora" else 2
+    return {"levers": dataclasses.asdict(off), "gpu": lora_train_gpu_bytes(lay, row, trained, rank, tokens, off),
+            "host": lora_train_host_bytes(lay, trained, rank, adapter_bytes, tokens, off)}
+
+
+def default_offloading(lay: Layout, method: str, trained: list[LayerModule], dropout: float, tokens: int) -> Offloading:
+    """The levers lora train uses on a GPU when both memories have room: every layer input and attention on the
+    host, the embedding too for QLoRA (untied), tiled MLP where it pays."""
+    return Offloading(host_layers=lay.layers, attention=attention_offloadable(trained, dropout),
+                      embedding=method == "qlora" and not lay.tied, tiled_mlp=tiled_mlp_pays(lay, tokens))
 
 
 def _match(module_path: str, names) -> bool:
@@ -332,15 +491,19 @@ def memory_plan(config, lora_trainable: int, seq_len: int = 2048, batch_size: in
     lora_modules: the target module names as in a recipe, "all-linear" for every Linear of a decoder layer, or
     None for PEFT's default for the architecture. Returns a JSON-serialisable dict; format_memory_plan prints it.
     """
+    lay, trained = layout_and_trained(config, lora_modules)
+    return plan_for_layout(lay, lora_trainable, trained, rank, dropout, dora, seq_len, batch_size)
+
+
+def layout_and_trained(config, lora_modules=None) -> tuple[Layout, list[LayerModule]]:
+    """The config's Layout and the decoder-layer modules LoRA trains (lora_modules as memory_plan takes them)."""
     lay = layout_of(build_meta_model(config))
     if lora_modules is None:
         lora_modules = PEFT_DEFAULTS.get(lay.model_type) or "all-linear"
     if lora_modules == "all-linear":
-        trained = lay.layer_modules
-    else:
-        names = [lora_modules] if isinstance(lora_modules, str) else list(lora_modules)
-        trained = [m for m in lay.layer_modules if _match(m.path, names)]
-    return plan_for_layout(lay, lora_trainable, trained, rank, dropout, dora, seq_len, batch_size)
+        return lay, lay.layer_modules
+    names = [lora_modules] if isinstance(lora_modules, str) else list(lora_modules)
+    return lay, [m for m in lay.layer_modules if _match(m.path, names)]
 
 
 def gib_text(n: int) -> str:
@@ -374,4 +537,24 @@ def format_memory_plan(plan: dict, highlight: tuple[str, bool] | None = None) ->
     lines.append("  device adds the CUDA context and allocator slack. Measured on an H100: docs/inspect-params.md.")
     lines.append(f"  With checkpointing on a GPU, lora train keeps each layer's input in host memory "
                  f"(speed.offload_activations):\n  {gib_text(plan['offloaded'])} GiB less on the rows with checkpointing on.")
+    lines += format_lora_train(plan.get("lora_train", {}))
     return "\n".join(lines)
+
+
+def format_lora_train(lora_train: dict) -> list[str]:
+    """lora train's own step on a GPU with its default levers: GPU and host memory (GiB)."""
+    if not lora_train:
+        return []
+    lines = ["lora train on a GPU, its default levers (checkpointing, offloading; docs/long-sequences.md), GiB:"]
+    header = ["method", "GPU peak", "device", "host: layer inputs", "attention", "embedding", "process", "host total"]
+    rows = []
+    for method, part in lora_train.items():
+        gpu, host = part["gpu"], part["host"]
+        rows.append([METHOD_NAMES[method], gib_text(gpu["peak"]), gib_text(gpu["device"]),
+                     gib_text(host["layer_inputs"]), gib_text(host["attention"]), gib_text(host["embedding"]),
+                     gib_text(host["process"]), gib_text(host["total"])])
+    lines += text_table(header, rows, right=set(range(1, 8)))
+    levers = next(iter(lora_train.values()))["levers"]
+    lines.append(f"  tiled MLP {'on' if levers['tiled_mlp'] else 'off'}; host memory is pinned (page-locked): "
+                 "lora train turns levers off or refuses before loading when it does not fit.")
+    return lines

@@ -98,6 +98,11 @@ class SpeedSection:
     offload_attention: bool = True  # with offload_activations: the attention's saved tensors wait in host memory too
     fused_loss: bool = True  # the LM head and loss through Liger's cross-entropy kernel, chunked (one GPU)
     offload_embeddings: bool = True  # QLoRA with checkpointing: the frozen input embedding waits in host memory
+    tiled_mlp: bool = True  # long sequences: the MLP computed a tile of tokens at a time (on where it pays)
+    attention_kernel: str = "sdpa"  # sdpa (flash), cudnn (cuDNN's SDPA), flex (FlexAttention): docs/long-sequences.md
+
+
+ATTENTION_KERNELS = ("sdpa", "cudnn", "flex")
 
 
 @dataclass
@@ -369,6 +374,7 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
     speed = _build_section("speed", SpeedSection, raw.get("speed"), ctx)
     training = _validate_training(raw.get("training"), ctx)
 
+    _check_choice(ctx, "speed.attention_kernel", speed.attention_kernel, ATTENTION_KERNELS)
     if not model.name_or_path.strip():
         ctx.fail("model.name_or_path", "is empty: give a hub id, a local folder, or smollm2-135m-instruct.")
     _check_choice(ctx, "model.dtype", model.dtype, DTYPES)

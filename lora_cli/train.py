@@ -30,7 +30,7 @@ from lora_cli.methods.sft import build_trainer, sft_config
 from lora_cli.models import hide_library_notices, load_base_for_recipe, pick_dtype
 from lora_cli.outputs import finish, write_json
 from lora_cli.reporting import drop_metrics_after
-from lora_cli.speed.policy import step_memory_plan
+from lora_cli.speed.policy import check_memory_before_loading, step_memory_plan
 from lora_cli.speed.step_overhead import trim_step_overhead
 from lora_cli.speed.wiring import use_own_kernels
 from lora_cli.unsupported import check_trainable
@@ -50,6 +50,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     if recipe.distributed == "fsdp" and recipe.quantization and not recipe.quantization.bnb_4bit_quant_storage:
         # FSDP shards flat parameters of one dtype: 4-bit weights stored as the compute dtype can be sharded.
         recipe.quantization.bnb_4bit_quant_storage = str(pick_dtype(recipe.model.dtype)).removeprefix("torch.")
+    memory = check_memory_before_loading(recipe)  # refuses here what would exhaust host or GPU memory
     model, tokenizer, model_path = load_base_for_recipe(recipe)
     check_trainable(model)
     prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
@@ -60,7 +61,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     process = PartialState()  # one process, or one of several under accelerate: only the main one writes
     try:
         trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
-        kernels = use_own_kernels(trainer, recipe)
+        kernels = use_own_kernels(trainer, recipe, memory)
         trim_step_overhead(trainer)
         report = data_mod.audit(trainer, prepared.train, args.max_length)
         report["chat_template_note"] = prepared.chat_template_note

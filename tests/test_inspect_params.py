@@ -259,3 +259,17 @@ def test_memory_plan_grows_with_tokens_and_shrinks_with_checkpointing_and_nf4():
         assert plan_row(long, method, False)["peak"] > plan_row(short, method, False)["peak"]
         assert plan_row(long, method, True)["peak"] < plan_row(long, method, False)["peak"]
     assert plan_row(long, "qlora", True)["weights"] < plan_row(long, "lora", True)["weights"] / 2.5
+
+
+def test_seq_len_shows_gpu_and_host_memory(capsys, monkeypatch):
+    """At 131,072 tokens: lora train's GPU peak and the host memory it pins, by term, against this machine's
+    (LORA_HOST_MEMORY_BYTES here: 64 GiB), with what lora train would turn off to fit."""
+    monkeypatch.setenv("LORA_HOST_MEMORY_BYTES", str(64 * 2**30))
+    result = run_cli(["inspect-params", "--model", "llama-3.1-8b", "--target", "all-linear", "--seq-len", "131072",
+                      "--dropout", "0"], capsys)
+    assert result.code == 0, result.err
+    assert "host: layer inputs  attention  embedding  process  host total" in result.out
+    assert "QLoRA (NF4 + DQ)     18.82   22.05               32.00     113.00       1.00     4.00      150.00" \
+        in result.out
+    assert "This machine: 64.0 GiB available (LORA_HOST_MEMORY_BYTES" in result.out
+    assert "QLoRA (NF4 + DQ): offload_attention: host memory: needs 150.0 GiB, 57.6 available" in result.out

@@ -14,7 +14,7 @@ against transformers' checkpointing.
 import torch
 
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
-from lora_cli.speed.offloaded_attention import install_saver
+from lora_cli.speed.offloaded_attention import host_bytes, install_saver
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
 
 
@@ -25,7 +25,12 @@ class HostOffloader:
     Forward: each layer input is copied out while the layer computes; at the next layer the compute stream waits
     for that copy and the input is let go. Backward (last layer first): the input of the layer that recomputes
     next is brought back while the current one runs. Tensors already on the host (a CPU run, as in the tests) are
-    kept as they are.
+    kept as they are, and so are the inputs of the layers from host_layers on (speed/policy.py keeps them on the
+    GPU where host memory has no room for them: the first layers' go to the host, whose backward comes last).
+
+    Host buffers of the exact size, one per layer, reused every step (offloaded_attention.host_bytes): torch's
+    caching host allocator rounds every pinned block up to a power of two, which at 500,000 tokens of the
+    Llama-3.1-8B shape (3.8 GiB a layer input) would pin 8 GiB a layer.
 
     Why the waits instead of `record_stream`: the allocator reuses a block recorded on another stream only once
     the GPU has passed the moment the host freed it. With CUDA graphs the host runs the forward pass many layers
@@ -34,8 +39,11 @@ class HostOffloader:
     stream waiting for each copy, every block is freed and reused in the compute stream's own order.
     """
 
-    def __init__(self):
+    def __init__(self, host_layers: int | None = None):
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.host_layers = host_layers  # None: every layer's input goes to the host
+        self.buffers: dict[int, torch.Tensor] = {}  # layer -> its pinned host buffer
+        self.kept: dict[int, torch.Tensor] = {}  # inputs kept where they are
         self.on_host: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # inputs held until their copy is done
@@ -45,13 +53,14 @@ class HostOffloader:
 
     def save(self, tensor: torch.Tensor) -> int:
         key, self.next_key = self.next_key, self.next_key + 1
-        if tensor.device.type != "cuda":
-            self.on_host[key] = tensor
+        layer = key % self.layers if self.layers else key
+        if tensor.device.type != "cuda" or (self.host_layers is not None and layer >= self.host_layers):
+            self.kept[key] = tensor
             return key
         self._release_copied()
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written
+        host = self._host_buffer(layer, tensor)
         with torch.cuda.stream(self.stream):
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             host.copy_(tensor, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
@@ -60,8 +69,10 @@ class HostOffloader:
         return key
 
     def load(self, key: int, device) -> torch.Tensor:
-        if device.type != "cuda":
-            return self.on_host.pop(key)
+        if key in self.kept:
+            if device.type == "cuda" and key - 1 in self.on_host:
+                self._prefetch(key - 1, device)
+            return self.kept.pop(key)
         self._release_copied()
         compute = torch.cuda.current_stream()
         if key in self.prefetched:
@@ -87,6 +98,17 @@ class HostOffloader:
         BENCH_TRACE_DIR=... python benchmarks/speed.py --modes qlora)."""
         if device.type == "cuda" and self.layers and (key + 1) % self.layers == 0 and key in self.on_host:
             self._prefetch(key, device)
+
+    def _host_buffer(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
+        """The layer's pinned buffer, grown (never shrunk) to the tensor's size, viewed as the tensor."""
+        count = tensor.numel() * tensor.element_size()
+        buffer = self.buffers.get(layer)
+        if buffer is None or buffer.numel() < count:
+            if buffer is not None:  # copies from the old buffer may still run
+                torch.cuda.current_stream().synchronize()
+                self.stream.synchronize()
+            buffer = self.buffers[layer] = host_bytes(count, pinned=True)
+        return buffer[:count].view(tensor.dtype).view(tensor.shape)
 
     def take_attached(self, key: int):
         return self.attached.pop(key, None)
@@ -173,11 +195,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
-                            offload_attention: bool = False):
-    """Make every checkpointed decoder layer keep its input on the host, with cuda_graphs (on a GPU) run as CUDA
-    graphs (cuda_graphs.py), with lean_recompute rerun without its last projection where the architecture allows
-    (LLAMA_STYLE_MODEL_TYPES), with offload_attention its attention kept on the host too where it can be
-    (offloaded_attention.py); returns how many layers, and the graphs' shared pool (None without graphs).
+                            offload_attention: bool = False, host_layers: int | None = None):
+    """Make every checkpointed decoder layer keep its input on the host (only the first host_layers layers', when
+    given: the others keep theirs on the GPU), with cuda_graphs (on a GPU) run as CUDA graphs (cuda_graphs.py),
+    with lean_recompute rerun without its last projection where the architecture allows (LLAMA_STYLE_MODEL_TYPES),
+    with offload_attention its attention kept on the host too where it can be (offloaded_attention.py); returns
+    how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -185,7 +208,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    offloader = HostOffloader()
+    offloader = HostOffloader(host_layers)
     pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
     accumulate_stream = torch.cuda.Stream() if pool else None  # offloaded_attention.install_saver says why
 

@@ -30,9 +30,8 @@ import types
 
 import torch
 
-# Liger bounds the logits it materializes at once to chunk_mem_const x (tokens x hidden size): 8 keeps a chunk of
-# 1,024 rows for the Llama-3 vocabulary (256 MB in bf16), matmuls cuBLAS runs at full speed.
-CHUNK_MEM_CONST = 8
+from lora_cli.memory import loss_chunk_rows
+
 # Configs that scale or cap the logits before the loss (TRL's fused head reads the same ones).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                     "logits_scaling")
@@ -72,9 +71,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows, width = hidden.shape
         vocab = weight.shape[0]
         weight = weight.to(hidden.dtype)
-        # Liger's chunk: logits of at most CHUNK_MEM_CONST x (rows x hidden size) values at once.
-        chunks = triton.cdiv(vocab, CHUNK_MEM_CONST * width)
-        chunk = min(rows, triton.next_power_of_2(triton.cdiv(rows, chunks)))
+        chunk = loss_chunk_rows(vocab, width, rows)  # Liger's chunk, bounded at long sequences (memory.py)
         logits = hidden.new_empty(chunk, vocab)
         losses = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         right = torch.zeros(rows, dtype=torch.float32, device=hidden.device)

@@ -98,10 +98,25 @@ def varlen_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
+def varlen_mask(*args, attention_mask=None, config=None, device=None, **kwargs):
+    """transformers' mask for the varlen path: none for rows without padding on a GPU, SDPA's otherwise.
+
+    Why: for packed rows (position ids that restart, no attention mask) SDPA's mask function builds a block-diagonal
+    batch x 1 x L x L mask: 1 GiB at 32,768 tokens, 256 GiB at 524,288, which varlen_attention never reads (it
+    takes the sequence bounds). Unpacked rows without padding need none either (SDPA's is_causal). A sliding window
+    keeps SDPA's mask, which carries it."""
+    from transformers.masking_utils import sdpa_mask
+
+    if (attention_mask is None and device is not None and torch.device(device).type == "cuda"
+            and getattr(config, "sliding_window", None) is None):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, config=config, device=device, **kwargs)
+
+
 def use_varlen_attention(model) -> bool:
-    """Route the model's SDPA attention through varlen_attention (registered once with transformers); the mask
-    stays SDPA's, so rows that are not packed run exactly as before."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Route the model's SDPA attention through varlen_attention (registered once with transformers); rows with
+    padding keep SDPA's mask and attention, as before (varlen_mask)."""
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     configs = [module.config for module in model.modules()
@@ -109,7 +124,7 @@ def use_varlen_attention(model) -> bool:
     if not configs or any(config._attn_implementation != "sdpa" for config in configs):
         return False
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
     for config in configs:
         config._attn_implementation = VARLEN_ATTENTION
     return True

@@ -6,6 +6,8 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
+from lora_cli.memory import TILED_MLP_TOKENS
+from lora_cli.speed.attention_kernels import use_attention_kernel
 from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.coverage import off_reasons
 from lora_cli.speed.fused_loss import fused_loss_supported, use_fused_loss
@@ -15,39 +17,50 @@ from lora_cli.speed.lora_linear import fuse_lora_layers
 from lora_cli.speed.offloaded_attention import offloadable_attentions
 from lora_cli.speed.policy import graphs_fit
 from lora_cli.speed.recomputation import lean_recompute_supported
+from lora_cli.speed.tiled_mlp import tile_mlps, tileable_mlps
 from lora_cli.speed.varlen import FixedShapePackedBatches, use_varlen_attention, varlen_available
 
 
-def use_own_kernels(trainer, recipe) -> str:
+def use_own_kernels(trainer, recipe, memory=None) -> str:
     """Switch on the levers the recipe allows and this run can use; returns what was done, for the log.
 
-    Fused layers and offloading not under FSDP: it shards parameters between module calls, and both levers read
-    weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
+    memory: policy.check_memory_before_loading's choice of the memory levers (host memory), None for all the
+    recipe allows. Fused layers and offloading not under FSDP: it shards parameters between module calls, and both
+    levers read weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
     """
     args = trainer.args
     packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
     varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
+    kernel = use_attention_kernel(trainer.model, recipe.speed.attention_kernel) and recipe.speed.attention_kernel
+    attention_line = f" attention_kernel={kernel}" if kernel else ""
     if trainer.is_fsdp_enabled:
-        return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
-    reasons = off_reasons(trainer.model)
-    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in reasons else 0
+        return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}{attention_line}"
+    architecture = off_reasons(trainer.model)
+    fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in architecture else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
     if mlps:
         trainer.add_callback(FuseGatedMLPs())
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
+    chosen = memory.offloading if memory is not None else None
+    reasons = memory.reasons if memory is not None else {}
+    tiles = len(tileable_mlps(trainer.model)) if chosen is not None and chosen.tiled_mlp else 0
+    if tiles:
+        trainer.add_callback(TileMLPs())  # after FuseGatedMLPs: the tiles run the fused MLP
+    host_layers = chosen.host_layers if offload and chosen is not None else None
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
-    graphs = (offload and recipe.speed.cuda_graphs and "cuda_graphs" not in reasons
-              and (not packed or (args.packing and args.max_length))
-              and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
+    # Not with tiles, whose backward runs a backward of its own.
+    graphs = (offload and recipe.speed.cuda_graphs and not tiles and "cuda_graphs" not in architecture
+              and (not packed or (args.packing and args.max_length)) and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
     if graphs and packed:
         trainer.data_collator = FixedShapePackedBatches(
             trainer.data_collator, args.per_device_train_batch_size * args.max_length, args.max_length)
     lean = offload and fused and recipe.speed.lean_recompute and lean_recompute_supported(trainer.model)
-    attention = offloadable_attentions(trainer.model) if offload and recipe.speed.offload_attention else 0
+    attention = (offloadable_attentions(trainer.model)
+                 if offload and recipe.speed.offload_attention and (chosen is None or chosen.attention) else 0)
     if offload:
-        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0))
+        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers))
     fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
     if fused_loss:
         use_fused_loss(trainer)
@@ -57,11 +70,19 @@ def use_own_kernels(trainer, recipe) -> str:
     if embedding is not None:
         trainer.add_callback(OffloadEmbedding(embedding))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
-            f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
-            f" offload_attention={'on' if attention else 'off'} ({attention})"
+            f" offload_activations={'on' if offload else 'off'}{why(reasons, 'offload_activations', offload)}"
+            f" lean_recompute={'on' if lean else 'off'}"
+            f" offload_attention={'on' if attention else 'off'} ({attention}){why(reasons, 'offload_attention')}"
+            f" tiled_mlp={'on' if tiles else 'off'}{why(reasons, 'tiled_mlp', tiles)}"
             f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
             f" fused_loss={'on' if fused_loss else 'off'}"
-            f" offload_embeddings={'on' if embedding is not None else 'off'}" + because(reasons, recipe.speed))
+            f" offload_embeddings={'on' if embedding is not None else 'off'}{attention_line}"
+            + because(architecture, recipe.speed))
+
+
+def why(reasons: dict, lever: str, on=True) -> str:
+    """The policy's reason for a lever's state, where it gave one and the lever is in that state."""
+    return f" ({reasons[lever]})" if lever in reasons and on else ""
 
 
 def because(reasons: dict[str, str], speed) -> str:
@@ -75,6 +96,13 @@ class FuseGatedMLPs(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         fuse_gated_mlps(model)
+
+
+class TileMLPs(TrainerCallback):
+    """Installs tiled_mlp's tiles when training begins, after FuseGatedMLPs: each tile runs the MLP's forward then."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        tile_mlps(model, TILED_MLP_TOKENS)
 
 
 class OffloadEmbedding(TrainerCallback):
@@ -94,12 +122,14 @@ class OffloadActivations(TrainerCallback):
     """Installs checkpointing.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
     drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
 
-    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool):
+    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool, host_layers: int | None):
         self.cuda_graphs, self.lean_recompute, self.offload_attention = cuda_graphs, lean_recompute, offload_attention
+        self.host_layers = host_layers
         self.pool = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention)
+        _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention,
+                                               self.host_layers)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.pool is not None:
@@ -108,5 +138,5 @@ class OffloadActivations(TrainerCallback):
                 print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
                       "replayed", flush=True)
             offloaded_checkpointing(model, lean_recompute=self.lean_recompute,  # no graphs, should it train again
-                                    offload_attention=self.offload_attention)
+                                    offload_attention=self.offload_attention, host_layers=self.host_layers)
             self.pool = None

@@ -22,6 +22,20 @@ def test_offloaded_checkpointing_matches_checkpointing(tiny_llama, device, quant
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("host_layers", [0, 1, 2])
+def test_layer_inputs_partly_kept_on_the_gpu(tiny_llama, device, host_layers):
+    """With host memory for only the first host_layers layers' inputs (speed/policy.py), the rest stay where they
+    are: the same loss and gradients, two steps running (the host buffers are reused)."""
+    model = peft_model(tiny_llama, device, True)
+    fuse_lora_layers(model)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    reference = loss_and_grads(model, device, autocast, checkpointing=True)
+    offloaded_checkpointing(model, host_layers=host_layers)
+    for _ in range(2):
+        assert_same(reference, loss_and_grads(model, device, autocast), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_offloaded_checkpointing_replays_dropout(tiny_llama, device):
     """The recomputation draws the same dropout masks as the forward (RNG state restored)."""
     model = peft_model(tiny_llama, device, dropout=0.3)

@@ -1,14 +1,16 @@
-"""GPU defaults decided from the memory plan: checkpointing off when bf16 LoRA fits, on for QLoRA."""
+"""GPU defaults decided from the memory plan: checkpointing off when bf16 LoRA fits, on for QLoRA; the levers that
+pin host memory chosen to fit it, or the run refused."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from lora_cli.adapters import lora_parameter_count
+from lora_cli.errors import LoraError
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import format_memory_plan, memory_plan
-from lora_cli.recipe import LoraSection
-from lora_cli.speed.policy import choose_checkpointing
+from lora_cli.memory import Offloading, format_memory_plan, layout_and_trained, memory_plan
+from lora_cli.recipe import LoraSection, SpeedSection
+from lora_cli.speed.policy import HOST_MEMORY_ENV, HostMemory, choose_checkpointing, choose_offloading, host_memory
 
 GIB = 2**30
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,3 +48,100 @@ def test_plan_names_what_offloading_moves_to_the_host(llama8b):
     _, _, plan = llama8b
     assert plan["offloaded"] == 32 * 2 * 2048 * 4096 * 2
     assert "1.00 GiB less on the rows with checkpointing on" in format_memory_plan(plan)
+
+
+# Host memory: what offloading pins at long sequences (issue 27), against a given budget.
+
+def qlora_row_at(config, tokens):
+    """The Llama-3.1-8B shape's Layout, LoRA modules (all seven projections) and QLoRA row with checkpointing."""
+    lay, trained = layout_and_trained(config, TARGETS)
+    plan = memory_plan(config, 41_943_040, tokens, 1, TARGETS, 16, 0.0, False)
+    return lay, trained, next(r for r in plan["rows"] if r["method"] == "qlora" and r["gradient_checkpointing"])
+
+
+def choice_at(config, tokens, host_bytes, gpu_bytes=80 * GIB, monkeypatch=None, **speed):
+    """policy.choose_offloading for a 1 x tokens QLoRA step, the host budget given as lora train takes it: the
+    LORA_HOST_MEMORY_BYTES environment variable, read by host_memory()."""
+    monkeypatch.setenv(HOST_MEMORY_ENV, str(host_bytes))
+    lay, trained, row = qlora_row_at(config, tokens)
+    return choose_offloading(lay, row, trained, 16, 0.0, tokens, SpeedSection(**speed), host_memory(), gpu_bytes)
+
+
+def test_host_memory_reads_the_machine_and_the_override(monkeypatch, tmp_path):
+    monkeypatch.delenv(HOST_MEMORY_ENV, raising=False)
+    machine = host_memory()
+    assert 0 < machine.available <= machine.total
+    monkeypatch.setenv(HOST_MEMORY_ENV, str(3 * GIB))
+    assert host_memory().available == 3 * GIB and host_memory().source == HOST_MEMORY_ENV
+
+
+def test_a_container_limit_bounds_the_host_memory(tmp_path):
+    """cgroup v2 (memory.max, memory.current), v1 (memory.limit_in_bytes, usage_in_bytes), and no limit."""
+    proc, v2, v1, unlimited = (tmp_path / name for name in ("proc", "v2", "v1", "unlimited"))
+    for folder in (proc, v2, v1 / "memory", unlimited):
+        folder.mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal:       134217728 kB\nMemAvailable:   125829120 kB\n")  # 128, 120 GiB
+    (v2 / "memory.max").write_text(f"{64 * GIB}\n")
+    (v2 / "memory.current").write_text(f"{4 * GIB}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{32 * GIB}\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{2 * GIB}\n")
+    (unlimited / "memory.max").write_text("max\n")
+    assert host_memory(proc, v2) == HostMemory(60 * GIB, 128 * GIB, 64 * GIB, "the container's limit less its use")
+    assert host_memory(proc, v1).available == 30 * GIB
+    assert host_memory(proc, unlimited) == HostMemory(120 * GIB, 128 * GIB)
+
+
+def test_defaults_where_host_memory_has_room(llama8b, monkeypatch):
+    """65,536 tokens on a 128 GiB machine (the issue's H100): everything offloaded, the host plan as measured there
+    (77 GiB in use), the MLP tiled (its intermediates would be 5.2 GiB a layer)."""
+    choice = choice_at(llama8b[0], 65_536, 120 * GIB, monkeypatch=monkeypatch)
+    assert choice.offloading.host_layers == 32 and choice.offloading.attention and choice.offloading.tiled_mlp
+    assert set(choice.reasons) == {"tiled_mlp"}
+    assert choice.plan["host"]["total"] == pytest.approx(77.5 * GIB, rel=0.01)
+
+
+def test_offload_attention_goes_first_when_the_host_overruns(llama8b, monkeypatch):
+    """131,072 tokens, where the defaults pinned 99 GB and were killed (issue 27): the attention's 113 GiB do not
+    fit 120 GiB, so it is recomputed, with the reason in the lever line; the layer inputs (32 GiB) stay on the host."""
+    choice = choice_at(llama8b[0], 131_072, 120 * GIB, monkeypatch=monkeypatch)
+    assert not choice.offloading.attention and choice.offloading.host_layers == 32
+    assert choice.reasons["offload_attention"] == "host memory: needs 150.0 GiB, 108.0 available"
+    assert choice.plan["host"]["total"] <= 0.9 * 120 * GIB
+
+
+def test_layer_inputs_split_between_host_and_gpu(llama8b, monkeypatch):
+    """With 16 GiB of host memory at 65,536 tokens: attention off, then as many layer inputs (0.5 GiB each) as fit
+    beside the embedding (1 GiB) and the process (4 GiB) in 90% of it; the others stay on the GPU, which has room."""
+    choice = choice_at(llama8b[0], 65_536, 16 * GIB, monkeypatch=monkeypatch)
+    assert not choice.offloading.attention
+    assert choice.offloading.host_layers == 18  # (14.4 - 5) GiB / 0.5 GiB
+    assert choice.plan["host"]["total"] <= 0.9 * 16 * GIB
+    assert choice.plan["gpu"]["layer_inputs"] == 14 * 65_536 * 4096 * 2
+    assert choice.reasons["offload_activations"].startswith("18 of 32 layer inputs on the host")
+
+
+def test_refused_before_loading_when_neither_memory_can_take_the_rest(llama8b, monkeypatch):
+    """524,288 tokens with 64 GiB of host memory and an 80 GB GPU: the split the host allows leaves more on the GPU
+    than it has: a LoraError with both memories' numbers, the longest length that fits and the settings to change."""
+    with pytest.raises(LoraError) as refused:
+        choice_at(llama8b[0], 524_288, 64 * GIB, monkeypatch=monkeypatch)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("524,288 tokens a step need more memory than this machine has: with the inputs of 13 "
+                              "of 32 layers in host memory")
+    assert "57.6 GiB of host memory" in message and "80.0 GiB are free" in message
+    for setting in ("training.max_length", "training.per_device_train_batch_size", HOST_MEMORY_ENV,
+                    "speed.offload_activations: false"):
+        assert setting in message
+    fits = int(message.split("about ")[2].split(" tokens")[0].replace(",", ""))
+    assert 65_536 < fits < 524_288
+    choice_at(llama8b[0], fits, 64 * GIB, monkeypatch=monkeypatch)  # the length it names trains
+    with pytest.raises(LoraError):
+        choice_at(llama8b[0], fits + 1024, 64 * GIB, monkeypatch=monkeypatch)
+
+
+def test_the_recipe_keys_turn_levers_off(llama8b, monkeypatch):
+    choice = choice_at(llama8b[0], 65_536, 120 * GIB, monkeypatch=monkeypatch, offload_attention=False,
+                       tiled_mlp=False, offload_activations=False)
+    assert choice.offloading == Offloading(host_layers=0, attention=False, embedding=True, tiled_mlp=False)
+    assert choice.reasons == {}
