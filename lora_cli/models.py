@@ -168,6 +168,22 @@ def load_model(
         raise LoraError(_load_failure(path, field, e)) from None
 
 
+def load_gguf(path: Path, dtype, device_map=None, field: str = "TARGET"):
+    """(model, tokenizer) from a GGUF file, dequantized by transformers' GGUF loader (for inference only: transformers
+    marks such a model as quantized, so it cannot be trained; embedded.py converts one for training)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, device_map=device_map)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LoraError(
+            f"{field}: the GGUF file '{path}' cannot be loaded by transformers' GGUF reader: {first_line(e)} "
+            "(it reads the architectures and quantization types listed in transformers' GGUF documentation)."
+        ) from None
+    return model, tokenizer
+
+
 def _local_device():
     """This process's device: the GPU of its rank under accelerate, else the first GPU, else the CPU."""
     import torch

@@ -1,0 +1,129 @@
+"""Experiment trackers from the recipe (`training.report_to`): transformers' own integrations do the logging; we add
+what they leave out.
+
+- A tracker that is not installed is a recipe error (file, line, the command that installs it) before any weights
+  load, instead of transformers' RuntimeError from inside the trainer.
+- TensorBoard writes into the output folder (output_dir/tensorboard) rather than under the checkpoints.
+- Each tracker gets the resolved recipe (the integrations log only the trainer's arguments) and lora's own figures:
+  tokens/s and peak memory at every logged step, and the data audit's numbers once at the start.
+"""
+
+import importlib.util
+import os
+import sys
+
+from transformers import TrainerCallback
+
+from lora_cli.errors import did_you_mean
+
+# report_to names whose package is not the name itself, and how each is installed.
+MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "azure_ml": ("azureml",), "flyte": ("flytekit",),
+           "kubeflow": ("kfp",)}
+INSTALL = {"tensorboard": "pip install 'lora-cli[tensorboard]'", "trackio": "pip install 'lora-cli[trackio]'",
+           "wandb": "pip install wandb (then wandb login, or WANDB_MODE=offline)", "mlflow": "pip install mlflow"}
+
+
+def requested(report_to) -> list[str]:
+    """The tracker names a report_to value asks for ('all' and 'none' are transformers' own)."""
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [name for name in names if name not in ("none", "all")]
+
+
+def _installed(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
+def report_to_problem(report_to) -> str | None:
+    """Why training.report_to cannot work here (an unknown or missing tracker), or None."""
+    names = requested(report_to)
+    if not names:
+        return None
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            return (f"names '{name}', which is not a tracker transformers reports to.{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+                    f"Trackers: {', '.join(INTEGRATION_TO_CALLBACK)} (or none).")
+        if not any(_installed(module) for module in MODULES.get(name, (name,))):
+            install = INSTALL.get(name, f"pip install {MODULES.get(name, (name,))[0]}")
+            return (f"names {name}, which is not installed, so the run could not report to it. Install it with: "
+                    f"{install}; or leave it out of training.report_to.")
+    return None
+
+
+def attach(trainer, recipe, audit: dict, out) -> None:
+    """Point the trainer's tracker integrations at the output folder and give them the recipe and our figures."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, TensorBoardCallback
+
+    integrations = [c for c in trainer.callback_handler.callbacks if isinstance(c, tuple(INTEGRATION_TO_CALLBACK.values()))]
+    if not integrations:
+        return
+    for callback in integrations:
+        if isinstance(callback, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            callback.logging_dir = str(out / "tensorboard")
+    progress = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ProgressAndMetrics")
+    trainer.add_callback(RecipeAndFigures(integrations, recipe.to_dict(), audit, progress))
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """{'lora': {'r': 16}} -> {'lora.r': 16}: trackers show flat keys as their config table."""
+    if not isinstance(value, dict):
+        return {prefix: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)}
+    flat = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def audit_figures(audit: dict) -> dict:
+    """The data audit's numbers, as metrics."""
+    figures = {f"data_audit/examples_{k}": v for k, v in audit["examples"].items()}
+    figures.update({f"data_audit/tokens_{k}": v for k, v in audit["tokens"].items()})
+    for key in ("truncated", "eos_lost_to_truncation", "eos_trained_share", "trained_token_share"):
+        figures[f"data_audit/{key}"] = audit[key]
+    return figures
+
+
+class RecipeAndFigures(TrainerCallback):
+    """Runs after the integrations (added last): they are set up when it starts, and it logs through their own on_log."""
+
+    def __init__(self, integrations, recipe: dict, audit: dict, progress):
+        self.integrations, self.recipe, self.audit, self.progress = integrations, recipe, audit, progress
+
+    def _log(self, args, state, control, logs: dict) -> None:
+        for callback in self.integrations:
+            callback.on_log(args, state, control, logs=dict(logs))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        import yaml
+
+        flat = flatten({"recipe": self.recipe})
+        for callback in self.integrations:
+            kind = type(callback).__name__
+            if kind == "TensorBoardCallback" and callback.tb_writer is not None:
+                text = yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)
+                callback.tb_writer.add_text("recipe", "\n".join("    " + line for line in text.splitlines()))
+            elif kind == "TrackioCallback":
+                callback._trackio.config.update(flat, allow_val_change=True)
+            elif kind == "WandbCallback" and callback._wandb.run is not None:
+                callback._wandb.config.update(flat, allow_val_change=True)
+            elif kind == "MLflowCallback" and callback._ml_flow.active_run() is not None:
+                callback._ml_flow.log_dict(self.recipe, "recipe.json")
+        self._log(args, state, control, audit_figures(self.audit))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        from lora_cli.reporting import peak_memory_gib
+
+        peak, kind = peak_memory_gib()
+        figures = {f"peak_{kind.lower()}_gib": round(peak, 3)}
+        if self.progress.tokens_per_second is not None:  # ProgressAndMetrics ran before this callback, at this step
+            figures["tokens_per_second"] = round(self.progress.tokens_per_second, 1)
+        self._log(args, state, control, figures)
