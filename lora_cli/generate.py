@@ -131,7 +131,7 @@ def load_target(target: str, base: str | None = None, load_in_4bit: bool = False
     elif kind == "gguf":
         if load_in_4bit:
             raise LoraError(f"--load-in-4bit: '{target}' is a GGUF file, quantized in its own way already.")
-        model, tokenizer = load_gguf(Path(target).expanduser(), pick_dtype("auto"), device_map)
+        model, tokenizer = load_gguf(Path(target).expanduser(), pick_dtype("auto"), "cuda" if device_map else None)
         base_name = None
     else:
         path = resolve_model_path(target, "TARGET")
