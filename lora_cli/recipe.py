@@ -462,16 +462,16 @@ def _build_eval(raw, ctx: _Context, base_dir: Path) -> EvalSection | None:
         ctx.fail("eval", "names nothing to measure: set answers (a questions file), data (a dataset for the loss) "
                          "or tasks (lm-evaluation-harness tasks).")
     for key in ("answers", "data"):
+        value = getattr(section, key)
         try:
-            value = getattr(section, key)
-            if value:
-                setattr(section, key, resolve_data_path(value, base_dir))
+            setattr(section, key, resolve_data_path(value, base_dir) if value else None)
         except FileNotFoundError:
             ctx.fail(f"eval.{key}", f"names the file '{value}', which does not exist.")
     if section.answers and not Path(section.answers).is_file():
         ctx.fail("eval.answers", f"must be a file of questions; '{section.answers}' is not one.")
-    section.tasks = [str(base_dir / t) if t.endswith((".yaml", ".yml")) and not Path(t).is_file()
-                     and (base_dir / t).is_file() else t for t in section.tasks or []] or None
+    if section.tasks:  # a task file found beside the recipe, as data files are; names are lm-eval's
+        section.tasks = [str(base_dir / t) if not Path(t).is_file() and (base_dir / t).is_file() else t
+                         for t in section.tasks]
     _check_choice(ctx, "eval.match", section.match, MATCH_MODES)
     for key in ("batch_size", "max_new_tokens", "limit"):
         value = getattr(section, key)

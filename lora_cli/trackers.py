@@ -71,16 +71,6 @@ def attach(trainer, recipe, audit: dict, out) -> None:
     callbacks.insert(callbacks.index(integrations[0]), RunFigures(integrations, recipe.to_dict(), audit))
 
 
-def flatten(value, prefix: str = "") -> dict:
-    """{'lora': {'r': 16}} -> {'lora.r': 16}: trackers show flat keys as their config table."""
-    if not isinstance(value, dict):
-        return {prefix: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)}
-    flat = {}
-    for key, item in value.items():
-        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def audit_figures(audit: dict) -> dict:
     """The data audit's numbers."""
     figures = {f"examples_{k}": v for k, v in audit["examples"].items()}
@@ -124,7 +114,9 @@ class RunFigures(TrainerCallback):
         import yaml
 
         kind = type(callback).__name__
-        settings = {**flatten({"recipe": self.recipe}), **flatten({"data_audit": audit_figures(self.audit)})}
+        from lora_cli.checkpoints import flatten
+
+        settings = flatten({"recipe": self.recipe, "data_audit": audit_figures(self.audit)})
         if kind == "TensorBoardCallback" and callback.tb_writer is not None:
             text = yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)
             callback.tb_writer.add_text("recipe", "\n".join("    " + line for line in text.splitlines()), step)

@@ -7,7 +7,7 @@ from lora_cli.errors import LoraError
 
 SIDES = ("base", "start", "target")  # left to right: where the target came from, then the target
 TITLES = {"base": "base", "start": "start adapter", "target": "target"}
-SHOWN_ROWS = 10  # answers listed in the table; --json and eval.json have all of them
+SHOWN_ROWS = 5  # answers listed per kind in the table; --json and eval.json have all of them
 
 
 def add_changes(report: dict) -> None:
@@ -85,13 +85,19 @@ def _answer_lines(report: dict) -> list[str]:
                 lines += [f"  {kind} (line {row['line']}): {_short(row['prompt'])}  expected ({row['match']}): "
                           f"{_short(str(row['expected']))}",
                           f"      {TITLES[reference]}: {_short(row[reference])}", f"      target: {_short(row['target'])}"]
+            lines += _more(len(changes[kind]))
     if "base" not in report and "answers" in report["target"]:
         wrong = [row for row in report["target"]["answers"] if not row["correct"]]
         lines.append(f"\nWrong answers: {len(wrong)}")
         for row in wrong[:SHOWN_ROWS]:
             lines += [f"  line {row['line']}: {_short(row['prompt'])}  expected ({row['match']}): "
                       f"{_short(str(row['expected']))}", f"      answer: {_short(row['answer'])}"]
+        lines += _more(len(wrong))
     return lines
+
+
+def _more(count: int) -> list[str]:
+    return [f"  ... and {count - SHOWN_ROWS} more (--json or --output lists every answer)"] if count > SHOWN_ROWS else []
 
 
 def _short(text: str, limit: int = 100) -> str:
