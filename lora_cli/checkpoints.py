@@ -29,7 +29,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from lora_cli.errors import LoraError
-from lora_cli.recipe import SpeedSection
+from lora_cli.recipe import EvalSection, SpeedSection
 
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints, inside its output folder
 MARKER = "lora_complete.json"
@@ -44,6 +44,8 @@ RESUME_MAY_DIFFER = (
     # The speed section says how a step is computed, not what it computes (tests/speed/): switching a
     # lever may speed a resume up.
     *(f"speed.{field.name}" for field in dataclasses.fields(SpeedSection)),
+    # What is measured once the adapter is written.
+    *(f"eval.{field.name}" for field in dataclasses.fields(EvalSection)),
 )
 # adapter_config.json keys compared on --resume, under the recipe names a user edits.
 ADAPTER_KEYS = {
@@ -155,11 +157,12 @@ def fingerprint(records) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
-def _flatten(value, prefix: str = "") -> dict:
+def flatten(value, prefix: str = "") -> dict:
+    """{'lora': {'r': 16}} -> {'lora.r': 16}, leaving out None values."""
     if isinstance(value, dict):
         flat = {}
         for key, inner in value.items():
-            flat.update(_flatten(inner, f"{prefix}{key}."))
+            flat.update(flatten(inner, f"{prefix}{key}."))
         return flat
     return {} if value is None else {prefix[:-1]: value}
 
@@ -170,7 +173,7 @@ def run_identity(recipe, train_records, eval_records) -> dict:
     The lora section is left out here: the checkpoint's own adapter_config.json is compared instead. The data files'
     paths are left out too: their contents are compared, by fingerprint.
     """
-    flat = _flatten(recipe.to_dict())
+    flat = flatten(recipe.to_dict())
     flat = {k: v for k, v in flat.items() if not k.startswith("lora.") and k not in RESUME_MAY_DIFFER}
     flat.pop("data.train", None)
     if isinstance(recipe.data.eval, str):

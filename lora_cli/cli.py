@@ -212,6 +212,45 @@ def serve(
     run_server(targets, host, port, load_in_4bit, api_key, progress=lambda message: print(message, flush=True))
 
 
+@app.command("eval")
+def evaluate(
+    target: str = typer.Argument(..., help="An adapter folder, a model folder, a hub id, a .gguf file, or "
+                                 "smollm2-135m-instruct."),
+    data: Optional[str] = typer.Option(None, "--data", help="Loss and perplexity on a dataset in any format lora "
+                                       "train reads."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="JSONL rows of prompt (or messages) and answer, "
+                                           "optional match."),
+    match: str = typer.Option("contains", "--match", help="Match mode for rows without one: exact, contains, regex, "
+                              "number, choice."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-evaluation-harness tasks or task YAML files, "
+                                        "comma-separated (needs the eval extra)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: at most this many examples per task."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Measure the base too, side by side (and the "
+                                      "starting adapter of a chained adapter)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Adapters: the base to use; model targets: the model to "
+                                       "compare with."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows a forward pass or a generate() call."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest answer to a question."),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the JSON report to this file."),
+):
+    """Measure a model or an adapter: loss, answer checks, lm-eval tasks; --compare-base puts the base beside it."""
+    import json
+
+    from lora_cli.evaluate.report import format_table, write_json
+    from lora_cli.evaluate.run import EvalRequest, evaluate as run_evaluation
+
+    if output is not None and not output.parent.is_dir():
+        raise LoraError(f"--output: the folder '{output.parent}' does not exist.")
+    request = EvalRequest(data=data, answers=str(answers) if answers else None, match=match,
+                          tasks=tasks.split(",") if tasks else [], limit=limit, compare_base=compare_base, base=base,
+                          batch_size=batch_size, max_new_tokens=max_new_tokens)
+    report = run_evaluation(target, request)
+    if output is not None:
+        write_json(output, report)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if json_output else format_table(report))
+
+
 @app.command("inspect-params")
 def inspect_params(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, short name, local folder."),

@@ -58,18 +58,13 @@ def embedded_model_dir() -> Path:
 
 def _convert(source: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
+
+    from lora_cli.models import load_gguf
 
     print(f"Converting the embedded {EMBEDDED_NAME} from GGUF to safetensors (once) ...", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    config = quantized.config
-    del config.quantization_config
-    config.name_or_path = EMBEDDED_HUB_ID
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), assign=True)
-    plain.tie_weights()
+    plain, tokenizer = load_gguf(source, torch.float32, field=EMBEDDED_NAME)
+    plain.config.name_or_path = EMBEDDED_HUB_ID
     plain.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -3,7 +3,8 @@
 transformers' `generate()` does the decoding and `TextStreamer` the streaming. Around them:
 - TARGET is resolved as everywhere in lora (models.py); an adapter folder brings its base with it, loaded as in
   training (NF4 for QLoRA adapters), with the tokenizer and chat template saved next to the adapter.
-- Prompts go one at a time, without padding, so a prompt's greedy answer does not depend on what else was asked.
+- Prompts go one at a time, without padding, so a prompt's greedy answer does not depend on what else was asked;
+  `complete_batch()` answers many at once, left-padded, for `lora eval`, where throughput matters more.
 - Generation stops on the generation config's EOS, the tokenizer's EOS and the chat template's end-of-turn
   token: a generation config that names only <|endoftext|> would otherwise run past the end of the answer.
 - Temperature 0 means greedy and clears the sampling settings a model's generation config may carry.
@@ -24,6 +25,7 @@ from lora_cli.models import (
     has_accelerator,
     is_adapter_folder,
     load_adapter_base,
+    load_gguf,
     load_model,
     load_tokenizer,
     looks_like_path,
@@ -115,7 +117,8 @@ class Target:
 
 def load_target(target: str, base: str | None = None, load_in_4bit: bool = False) -> Target:
     """An adapter folder (with its base), a model folder, a hub id or the embedded model, ready to generate."""
-    is_adapter = _target_kind(target) == "adapter"
+    kind = target_kind(target)
+    is_adapter = kind == "adapter"
     if base and not is_adapter:
         raise LoraError(f"--base is for adapter targets; '{target}' is a model.")
     four_bit = QuantizationSection(load_in_4bit=True) if load_in_4bit else None
@@ -126,6 +129,11 @@ def load_target(target: str, base: str | None = None, load_in_4bit: bool = False
         tokenizer = load_tokenizer(str(info.folder) if info.has_tokenizer else path, info.model.trust_remote_code)
         model = attach_adapter(model, info)
         base_name = info.base
+    elif kind == "gguf":
+        if load_in_4bit:
+            raise LoraError(f"--load-in-4bit: '{target}' is a GGUF file, quantized in its own way already.")
+        model, tokenizer = load_gguf(Path(target).expanduser(), pick_dtype("auto"), "cuda" if device_map else None)
+        base_name = None
     else:
         path = resolve_model_path(target, "TARGET")
         tokenizer = load_tokenizer(path, field="TARGET")
@@ -137,7 +145,7 @@ def load_target(target: str, base: str | None = None, load_in_4bit: bool = False
     return Target(target, model, tokenizer, is_adapter, base_name, stop_ids)
 
 
-def _target_kind(target: str) -> str:
+def target_kind(target: str) -> str:
     if target.lower() == EMBEDDED_NAME:
         return "model"
     path = Path(target).expanduser()
@@ -153,8 +161,10 @@ def _target_kind(target: str) -> str:
                 "(no config.json)."
             )
         return "model"
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
     if path.exists():
-        raise LoraError(f"TARGET '{target}' is a file; give an adapter folder, a model folder or a hub id.")
+        raise LoraError(f"TARGET '{target}' is a file; give an adapter folder, a model folder, a .gguf file or a hub id.")
     if looks_like_path(target) or target.count("/") > 1:
         raise LoraError(f"TARGET: the folder '{target}' does not exist.")
     return "model"  # a hub id
@@ -177,7 +187,7 @@ def _read_prompts_file(path: Path) -> list[Prompt]:
             rows = json.loads(text)
         except ValueError as e:
             raise LoraError(f"{path}: not valid JSON ({e}).") from None
-        return [_prompt_from_row(row, f"{path}, item {number}") for number, row in enumerate(rows, 1)]
+        return [prompt_from_row(row, f"{path}, item {number}") for number, row in enumerate(rows, 1)]
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     jsonl = path.suffix in (".jsonl", ".json") or first.lstrip().startswith("{")
@@ -193,13 +203,13 @@ def _read_prompts_file(path: Path) -> list[Prompt]:
             row = json.loads(line)
         except ValueError as e:
             raise LoraError(f"{where}: not valid JSON ({e}); a JSONL prompts file has one object a line.") from None
-        items.append(_prompt_from_row(row, where))
+        items.append(prompt_from_row(row, where))
     if not items:
         raise LoraError(f"--prompts-file: '{path}' has no prompts.")
     return items
 
 
-def _prompt_from_row(row, where: str) -> Prompt:
+def prompt_from_row(row, where: str) -> Prompt:
     if not isinstance(row, dict):
         raise LoraError(f"{where}: each line must be a JSON object with 'prompt' or 'messages'.")
     reference = row.get("completion")
@@ -267,6 +277,34 @@ def complete(
         text, finish = text[: min(cut)], "stop"
     text = text.strip()
     return Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish)
+
+
+def complete_batch(target: Target, prompts: list[Prompt], encoded: list[list[int]], sampling: Sampling,
+                   use_adapter: bool = True) -> list[Completion]:
+    """Answers to several prompts in one generate() call, left-padded so every row's answer starts at the same
+    column. Greedy answers match complete()'s up to floating-point ties: padding changes the shapes of the matmuls."""
+    import contextlib
+
+    import torch
+    from transformers import set_seed
+
+    set_seed(sampling.seed)
+    config = _generation_config(target, sampling)
+    width = max(len(ids) for ids in encoded)
+    pad = config.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=target.model.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=target.model.device)
+    off = target.model.disable_adapter() if target.is_adapter and not use_adapter else contextlib.nullcontext()
+    with off, torch.no_grad():
+        output = target.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    results = []
+    for prompt, ids, row in zip(prompts, encoded, output[:, width:].tolist()):
+        stop = next((i for i, token in enumerate(row) if token in target.stop_ids), None)
+        new = row if stop is None else row[: stop + 1]  # after its stop token a finished row holds padding
+        text = target.tokenizer.decode(new, skip_special_tokens=True).strip()
+        finish = "stop" if stop is not None else "length"
+        results.append(Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish))
+    return results
 
 
 def _generation_config(target: Target, sampling: Sampling):

@@ -23,6 +23,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "tokenized")
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 DISTRIBUTED = ("ddp", "fsdp")
+MATCH_MODES = ("exact", "contains", "regex", "number", "choice")  # how lora eval checks an answer
 UNION_TYPES = (typing.Union, types.UnionType)
 
 
@@ -106,6 +107,20 @@ ATTENTION_KERNELS = ("sdpa", "cudnn", "flex")
 
 
 @dataclass
+class EvalSection:
+    """`lora eval` at the end of `lora train`: its options, with the base beside the adapter by default."""
+
+    answers: str | None = None  # questions with expected answers (lora eval --answers)
+    match: str = "contains"  # match mode for answer rows that name none
+    data: str | None = None  # loss and perplexity on this dataset (lora eval --data)
+    tasks: list[str] | None = None  # lm-evaluation-harness tasks or task YAML files (the eval extra)
+    limit: int | None = None  # examples per lm-eval task
+    compare_base: bool = True
+    batch_size: int = 8
+    max_new_tokens: int = 128
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     quantization: QuantizationSection | None = None
@@ -115,6 +130,7 @@ class Recipe:
     output_dir: str | None = None
     distributed: str | None = None
     speed: SpeedSection = field(default_factory=SpeedSection)
+    eval: EvalSection | None = None  # runs lora eval on the adapter once trained
     source: str = "recipe"  # the file name errors point at
 
     @property
@@ -125,7 +141,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, as written next to every adapter."""
         out = {}
-        for name in ("model", "quantization", "lora", "data", "speed"):
+        for name in ("model", "quantization", "lora", "data", "speed", "eval"):
             section = getattr(self, name)
             out[name] = dataclasses.asdict(section) if section is not None else None
         out["training"] = dict(self.training)
@@ -135,7 +151,7 @@ class Recipe:
 
 
 SECTIONS = {"model": ModelSection, "quantization": QuantizationSection, "lora": LoraSection, "data": DataSection,
-            "speed": SpeedSection}
+            "speed": SpeedSection, "eval": EvalSection}
 TOP_LEVEL = (*SECTIONS, "training", "output_dir", "distributed", "versions")
 
 
@@ -341,6 +357,11 @@ def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
         value = raw.get(key)
         if isinstance(value, (int, float)) and (value < low if inclusive else value <= low):
             ctx.fail(f"training.{key}", f"must be {'at least' if inclusive else 'greater than'} {low}, got {value}.")
+    from lora_cli.trackers import report_to_problem
+
+    tracker_problem = report_to_problem(raw.get("report_to"))
+    if tracker_problem:
+        ctx.fail("training.report_to", tracker_problem)
     max_steps = raw.get("max_steps")
     if isinstance(max_steps, int) and max_steps == 0:
         ctx.fail("training.max_steps", "must be positive, or -1 to train for num_train_epochs.")
@@ -439,5 +460,33 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
         training["eval_strategy"] = "steps"
         training.setdefault("eval_steps", 0.1)  # a fraction of all steps: ten evaluations per run
 
+    evaluation = _build_eval(raw.get("eval"), ctx, base_dir)
     return Recipe(model=model, quantization=quantization, lora=lora, data=data, training=training,
-                  output_dir=output_dir, distributed=distributed, speed=speed, source=source)
+                  output_dir=output_dir, distributed=distributed, speed=speed, eval=evaluation, source=source)
+
+
+def _build_eval(raw, ctx: _Context, base_dir: Path) -> EvalSection | None:
+    """The eval section, its files resolved like data.train (relative to the working directory, then the recipe)."""
+    if raw is None:
+        return None
+    section = _build_section("eval", EvalSection, raw, ctx)
+    if not (section.answers or section.data or section.tasks):
+        ctx.fail("eval", "names nothing to measure: set answers (a questions file), data (a dataset for the loss) "
+                         "or tasks (lm-evaluation-harness tasks).")
+    for key in ("answers", "data"):
+        value = getattr(section, key)
+        try:
+            setattr(section, key, resolve_data_path(value, base_dir) if value else None)
+        except FileNotFoundError:
+            ctx.fail(f"eval.{key}", f"names the file '{value}', which does not exist.")
+    if section.answers and not Path(section.answers).is_file():
+        ctx.fail("eval.answers", f"must be a file of questions; '{section.answers}' is not one.")
+    if section.tasks:  # a task file found beside the recipe, as data files are; names are lm-eval's
+        section.tasks = [str(base_dir / t) if not Path(t).is_file() and (base_dir / t).is_file() else t
+                         for t in section.tasks]
+    _check_choice(ctx, "eval.match", section.match, MATCH_MODES)
+    for key in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(section, key)
+        if value is not None and value < 1:
+            ctx.fail(f"eval.{key}", f"must be at least 1, got {value}.")
+    return section

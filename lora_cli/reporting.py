@@ -23,8 +23,7 @@ class ProgressAndMetrics(TrainerCallback):
         self.metrics_path = metrics_path
         self.bar = None
         self.started = None
-        self.last_tokens = self.last_time = None
-        self.tokens_per_second = None
+        self.rate = TokenRate()
         self.shown = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -48,11 +47,7 @@ class ProgressAndMetrics(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         now = time.time()
-        tokens = logs.get("num_tokens")
-        if tokens is not None:
-            if self.last_tokens is not None and now > self.last_time and tokens > self.last_tokens:
-                self.tokens_per_second = (tokens - self.last_tokens) / (now - self.last_time)
-            self.last_tokens, self.last_time = tokens, now
+        self.tokens_per_second = self.rate.update(logs, now)
         record = {"step": state.global_step, "epoch": state.epoch, "time": round(now - (self.started or now), 3), **logs}
         if self.tokens_per_second is not None and "loss" in logs:
             record["tokens_per_second"] = round(self.tokens_per_second, 1)
@@ -74,6 +69,22 @@ class ProgressAndMetrics(TrainerCallback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class TokenRate:
+    """Tokens per second between two logged steps, from the running token count TRL logs (num_tokens)."""
+
+    def __init__(self):
+        self.last_tokens = self.last_time = None
+        self.per_second = None
+
+    def update(self, logs: dict, now: float) -> float | None:
+        tokens = logs.get("num_tokens")
+        if tokens is not None:
+            if self.last_tokens is not None and now > self.last_time and tokens > self.last_tokens:
+                self.per_second = (tokens - self.last_tokens) / (now - self.last_time)
+            self.last_tokens, self.last_time = tokens, now
+        return self.per_second
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -24,7 +24,9 @@ from lora_cli.checkpoints import (
     run_identity,
     step_of,
 )
+from lora_cli import trackers
 from lora_cli.errors import LoraError
+from lora_cli.evaluate.run import read_recipe_eval, run_recipe_eval
 from lora_cli.memory import format_memory_plan
 from lora_cli.methods.sft import build_trainer, sft_config
 from lora_cli.models import hide_library_notices, load_base_for_recipe, pick_dtype
@@ -46,6 +48,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     out = Path(recipe.output_dir)
     check_output_dir(out, resume, overwrite, dry_run)
     train_records, eval_records, fmt = data_mod.load_data(recipe.data)
+    eval_inputs = read_recipe_eval(recipe.eval) if recipe.eval else None  # its files checked before training
 
     if recipe.distributed == "fsdp" and recipe.quantization and not recipe.quantization.bnb_4bit_quant_storage:
         # FSDP shards flat parameters of one dtype: 4-bit weights stored as the compute dtype can be sharded.
@@ -69,6 +72,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         if process.is_main_process:
             print(data_mod.format_audit(report), flush=True)
         data_mod.check_audit(report)
+        trackers.attach(trainer, recipe, report, out)
         if process.is_main_process:
             print_trainable(trainer.model)
             print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="
@@ -101,6 +105,9 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     started = time.time()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     summary = finish(trainer, recipe, out, model_path, report, fmt, time.time() - started)
+    if eval_inputs is not None and trainer.is_world_process_zero():
+        del trainer, model  # lora eval loads the adapter from the output folder, as a user's `lora eval` would
+        summary["eval"] = run_recipe_eval(recipe.eval, eval_inputs, out)
     return summary
 
 

@@ -1,0 +1,49 @@
+"""lora eval --answers: batched generation (left padding) against one prompt at a time, on one loaded model.
+
+    python benchmarks/eval_answers.py [TARGET] [--answers FILE] [--batch-sizes 1,8] [--max-new-tokens 64] [--rounds 2]
+
+Each batch size answers every question of the file, in alternating rounds (so a machine that gets busier or quieter
+affects each alike); prints seconds, answers/s and generated tokens/s per round, and whether the greedy answers are
+the same at every batch size. Runs on the GPU when there is one, else on the CPU.
+"""
+
+import argparse
+import json
+import time
+
+from lora_cli.evaluate.answers import answer_questions, read_answers
+from lora_cli.generate import Sampling, load_target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("target", nargs="?", default="smollm2-135m-instruct")
+    parser.add_argument("--answers", default="data/pirate-facts.jsonl")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    target = load_target(args.target)
+    questions = read_answers(args.answers)
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    answer_questions(target, questions[:2], max(sizes), Sampling(max_new_tokens=4))  # warm-up
+    answers, rows = {}, []
+    for round_number in range(args.rounds):
+        for size in sizes:
+            started = time.perf_counter()
+            result = answer_questions(target, questions, size, Sampling(max_new_tokens=args.max_new_tokens))
+            seconds = time.perf_counter() - started
+            answers.setdefault(size, [row["answer"] for row in result["rows"]])
+            rows.append({"round": round_number + 1, "batch_size": size, "seconds": round(seconds, 2),
+                         "answers_per_second": round(len(questions) / seconds, 2),
+                         "tokens_per_second": round(result["answer_tokens"] / seconds, 1),
+                         "answer_tokens": result["answer_tokens"]})
+            print(json.dumps(rows[-1]), flush=True)
+    same = all(answers[size] == answers[sizes[0]] for size in sizes)
+    device = str(target.model.device)
+    print(json.dumps({"target": args.target, "device": device, "questions": len(questions),
+                      "same_answers_at_every_batch_size": same}))
+
+
+if __name__ == "__main__":
+    main()
