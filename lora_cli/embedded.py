@@ -60,7 +60,7 @@ def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import GenerationConfig
 
-    from lora_cli.models import load_gguf
+    from lora_cli.gguf_reader import load_gguf
 
     print(f"Converting the embedded {EMBEDDED_NAME} from GGUF to safetensors (once) ...", flush=True)
     plain, tokenizer = load_gguf(source, torch.float32, field=EMBEDDED_NAME)

@@ -19,13 +19,13 @@ from pathlib import Path
 from lora_cli.data import TEXT_ENCODING
 from lora_cli.embedded import EMBEDDED_NAME
 from lora_cli.errors import LoraError
+from lora_cli.gguf_reader import load_gguf
 from lora_cli.models import (
     attach_adapter,
     end_of_turn_id,
     has_accelerator,
     is_adapter_folder,
     load_adapter_base,
-    load_gguf,
     load_model,
     load_tokenizer,
     looks_like_path,

@@ -357,7 +357,7 @@ def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
         value = raw.get(key)
         if isinstance(value, (int, float)) and (value < low if inclusive else value <= low):
             ctx.fail(f"training.{key}", f"must be {'at least' if inclusive else 'greater than'} {low}, got {value}.")
-    from lora_cli.trackers import report_to_problem
+    from lora_cli.trackers.available import report_to_problem  # transformers' list, imported when asked
 
     tracker_problem = report_to_problem(raw.get("report_to"))
     if tracker_problem:

@@ -24,7 +24,6 @@ from lora_cli.checkpoints import (
     run_identity,
     step_of,
 )
-from lora_cli import trackers
 from lora_cli.errors import LoraError
 from lora_cli.evaluate.run import read_recipe_eval, run_recipe_eval
 from lora_cli.memory import format_memory_plan
@@ -35,6 +34,7 @@ from lora_cli.reporting import drop_metrics_after
 from lora_cli.speed.policy import check_memory_before_loading, step_memory_plan
 from lora_cli.speed.step_overhead import trim_step_overhead
 from lora_cli.speed.wiring import use_own_kernels
+from lora_cli.trackers.run import attach_trackers
 from lora_cli.unsupported import check_trainable
 
 
@@ -72,7 +72,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         if process.is_main_process:
             print(data_mod.format_audit(report), flush=True)
         data_mod.check_audit(report)
-        trackers.attach(trainer, recipe, report, out)
+        attach_trackers(trainer, recipe, report, out)
         if process.is_main_process:
             print_trainable(trainer.model)
             print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="

@@ -1,64 +1,21 @@
-"""Experiment trackers from the recipe (`training.report_to`): transformers' own integrations do the logging; we add
-what they leave out.
-
-- A tracker that is not installed is a recipe error (file, line, the command that installs it) before any weights
-  load, instead of transformers' RuntimeError from inside the trainer.
-- TensorBoard writes into the output folder (output_dir/tensorboard) rather than under the checkpoints.
-- Each tracker gets the resolved recipe (the integrations log only the trainer's arguments) and lora's own figures:
-  tokens/s and peak memory at every logged step, and the data audit's numbers once at the start.
+"""A run's trackers: TensorBoard writes into the output folder (output_dir/tensorboard) rather than under the
+checkpoints, and each tracker gets the resolved recipe (the integrations log only the trainer's arguments) and
+lora's own figures: tokens/s and peak memory at every logged step, and the data audit's numbers once at the start.
 """
 
-import importlib.util
 import os
-import sys
+import time
 
+import yaml
 from transformers import TrainerCallback
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, TensorBoardCallback
 
-from lora_cli.errors import did_you_mean
-
-# report_to names whose package is not the name itself, and how each is installed.
-MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "azure_ml": ("azureml",), "flyte": ("flytekit",),
-           "kubeflow": ("kfp",)}
-INSTALL = {"tensorboard": "pip install 'lora-cli[tensorboard]'", "trackio": "pip install 'lora-cli[trackio]'",
-           "wandb": "pip install wandb (then wandb login, or WANDB_MODE=offline)", "mlflow": "pip install mlflow"}
+from lora_cli.checkpoints import flatten
+from lora_cli.reporting import TokenRate, peak_memory_gib
 
 
-def requested(report_to) -> list[str]:
-    """The tracker names a report_to value asks for ('all' and 'none' are transformers' own)."""
-    if report_to is None:
-        return []
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
-    return [name for name in names if name not in ("none", "all")]
-
-
-def _installed(module: str) -> bool:
-    if module in sys.modules:
-        return sys.modules[module] is not None
-    return importlib.util.find_spec(module) is not None
-
-
-def report_to_problem(report_to) -> str | None:
-    """Why training.report_to cannot work here (an unknown or missing tracker), or None."""
-    names = requested(report_to)
-    if not names:
-        return None
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    for name in names:
-        if name not in INTEGRATION_TO_CALLBACK:
-            return (f"names '{name}', which is not a tracker transformers reports to.{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
-                    f"Trackers: {', '.join(INTEGRATION_TO_CALLBACK)} (or none).")
-        if not any(_installed(module) for module in MODULES.get(name, (name,))):
-            install = INSTALL.get(name, f"pip install {MODULES.get(name, (name,))[0]}")
-            return (f"names {name}, which is not installed, so the run could not report to it. Install it with: "
-                    f"{install}; or leave it out of training.report_to.")
-    return None
-
-
-def attach(trainer, recipe, audit: dict, out) -> None:
+def attach_trackers(trainer, recipe, audit: dict, out) -> None:
     """Point the trainer's tracker integrations at the output folder and give them the recipe and our figures."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, TensorBoardCallback
-
     callbacks = trainer.callback_handler.callbacks
     integrations = [c for c in callbacks if isinstance(c, tuple(INTEGRATION_TO_CALLBACK.values()))]
     if not integrations:
@@ -85,17 +42,11 @@ class RunFigures(TrainerCallback):
     when the integrations have started their runs, gives each the resolved recipe and the data audit."""
 
     def __init__(self, integrations, recipe: dict, audit: dict):
-        from lora_cli.reporting import TokenRate
-
         self.integrations, self.recipe, self.audit = integrations, recipe, audit
         self.rate = TokenRate()
         self.described = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import time
-
-        from lora_cli.reporting import peak_memory_gib
-
         if not state.is_world_process_zero or not logs:
             return
         if not self.described:
@@ -111,11 +62,7 @@ class RunFigures(TrainerCallback):
 
     def describe(self, callback, step: int) -> None:
         """The recipe and the audit where each tracker keeps a run's settings (TensorBoard: text and scalars)."""
-        import yaml
-
         kind = type(callback).__name__
-        from lora_cli.checkpoints import flatten
-
         settings = flatten({"recipe": self.recipe, "data_audit": audit_figures(self.audit)})
         if kind == "TensorBoardCallback" and callback.tb_writer is not None:
             text = yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True)

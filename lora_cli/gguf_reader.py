@@ -1,0 +1,38 @@
+"""GGUF files (an exported model, the embedded SmolLM2) read into a plain transformers model.
+
+transformers reads GGUF and dequantizes it, but flags the model as quantized, which neither training, saving nor the
+Trainer accept; so the weights move into a plain model of the same config. torch and transformers are imported in
+the function: the embedded model's module is imported when `lora --help` starts.
+"""
+
+from pathlib import Path
+
+from lora_cli.errors import LoraError, first_line
+
+
+def load_gguf(path: Path, dtype, device=None, field: str = "TARGET"):
+    """(model, tokenizer) from a GGUF file, dequantized by transformers' GGUF reader. transformers flags such a model
+    as quantized, which neither training nor the Trainer accept, so its weights move into a plain model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise LoraError(
+            f"{field}: the GGUF file '{path}' cannot be loaded by transformers' GGUF reader: {first_line(e)} "
+            "(it reads the architectures and quantization types listed in transformers' GGUF documentation)."
+        ) from None
+    config = quantized.config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    for name, buffer in quantized.named_buffers():  # buffers outside the state dict (RoPE's inverse frequencies)
+        owner, _, attr = name.rpartition(".")
+        if getattr(model.get_submodule(owner), attr).is_meta:
+            setattr(model.get_submodule(owner), attr, buffer)
+    model.tie_weights()
+    model.generation_config = quantized.generation_config
+    return (model.to(device) if device else model), tokenizer
