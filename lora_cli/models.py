@@ -180,14 +180,18 @@ def _local_device():
 
 
 def load_base_for_recipe(recipe):
-    """(model, tokenizer, model path) for a recipe's model and quantization sections."""
+    """(model, tokenizer, model path) for a recipe's model and quantization sections; with model.adapter, the model
+    is a PeftModel with that adapter attached, trainable, and the tokenizer (chat template included) the adapter's."""
     m = recipe.model
     path = resolve_model_path(m.name_or_path)
     dtype = pick_dtype(m.dtype)
-    tokenizer = load_tokenizer(path, m.trust_remote_code)
+    start = read_adapter(m.adapter) if m.adapter else None
+    tokenizer = load_tokenizer(str(start.folder) if start and start.has_tokenizer else path, m.trust_remote_code)
     model = load_model(
         path, dtype, recipe.quantization, m.attn_implementation, m.trust_remote_code, m.use_safetensors
     )
+    if start is not None:
+        model = attach_adapter(model, start, trainable=True)
     return model, tokenizer, path
 
 
@@ -301,12 +305,12 @@ def load_adapter_base(info: AdapterInfo, dtype, quantization=None, device_map=No
     return model, path
 
 
-def attach_adapter(model, info: AdapterInfo):
+def attach_adapter(model, info: AdapterInfo, trainable: bool = False):
     """PeftModel.from_pretrained, with a base that does not fit the adapter explained."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(info.folder))
+        return PeftModel.from_pretrained(model, str(info.folder), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)

@@ -21,13 +21,17 @@ def use_own_kernels(trainer, recipe) -> str:
     """Switch on the levers the recipe allows and this run can use; returns what was done, for the log.
 
     Fused layers and offloading not under FSDP: it shards parameters between module calls, and both levers read
-    weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
+    weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights. For the methods
+    beyond SFT, off_for_method says which levers do not apply and why; the line says so.
     """
     args = trainer.args
-    packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
+    method = recipe.method
+    # TRL's bfd packing is padding-free; the preference and RL trainers pack nothing.
+    packed = method == "sft" and getattr(trainer, "padding_free", args.padding_free)
     varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}"
+    off = off_for_method(method)
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
     if mlps:
@@ -36,7 +40,8 @@ def use_own_kernels(trainer, recipe) -> str:
                and "offload" not in (args.gradient_checkpointing_kwargs or {}))
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
-    graphs = (offload and recipe.speed.cuda_graphs and (not packed or (args.packing and args.max_length))
+    graphs = (offload and recipe.speed.cuda_graphs and "cuda_graphs" not in off
+              and (not packed or (args.packing and args.max_length))
               and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
     if graphs and packed:
         trainer.data_collator = FixedShapePackedBatches(
@@ -45,20 +50,38 @@ def use_own_kernels(trainer, recipe) -> str:
     attention = offloadable_attentions(trainer.model) if offload and recipe.speed.offload_attention else 0
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean, attention > 0))
-    fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
+    fused_loss = recipe.speed.fused_loss and "fused_loss" not in off and fused_loss_supported(trainer)
     if fused_loss:
         use_fused_loss(trainer)
     # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
     embedding = (offloadable_embedding(trainer.model) if recipe.speed.offload_embeddings and offload and mlps
-                 and recipe.is_quantized and args.world_size == 1 and not trainer.is_deepspeed_enabled else None)
+                 and "offload_embeddings" not in off and recipe.is_quantized and args.world_size == 1
+                 and not trainer.is_deepspeed_enabled else None)
     if embedding is not None:
         trainer.add_callback(OffloadEmbedding(embedding))
+    def why(lever):
+        return f" ({method}: {off[lever]})" if lever in off and getattr(recipe.speed, lever) else ""
+
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
             f" offload_activations={'on' if offload else 'off'} lean_recompute={'on' if lean else 'off'}"
             f" offload_attention={'on' if attention else 'off'} ({attention})"
-            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
-            f" fused_loss={'on' if fused_loss else 'off'}"
-            f" offload_embeddings={'on' if embedding is not None else 'off'}")
+            f" cuda_graphs={'on' if graphs else 'off'}{why('cuda_graphs')}"
+            f" varlen_attention={'on' if varlen else 'off'}{why('varlen_attention')}"
+            f" fused_loss={'on' if fused_loss else 'off'}{why('fused_loss')}"
+            f" offload_embeddings={'on' if embedding is not None else 'off'}{why('offload_embeddings')}")
+
+
+def off_for_method(method: str) -> dict[str, str]:
+    """The levers that do not apply to a method's trainer, with the reason the lever line gives."""
+    if method == "sft":
+        return {}
+    off = {"varlen_attention": "its trainer does not pack rows",
+           "fused_loss": "its loss is not SFT's token cross-entropy; TRL's chunked log-prob head scores the completions "
+                         "without materialising the logits"}
+    if method == "grpo":
+        off["cuda_graphs"] = "completions of a new length every step would capture a graph per shape"
+        off["offload_embeddings"] = "generation reads the embedding at every token"
+    return off
 
 
 class FuseGatedMLPs(TrainerCallback):
