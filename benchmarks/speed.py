@@ -18,7 +18,10 @@ train's defaults; _varied packs chat-like lengths); lora_nogc, qlora_nogc, basel
 checkpointing);
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
 lora_trlloss, qlora_varied_novarlen (one default lever off); baseline_qlora_compile, qlora_compile (each with TRL's
-`torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
+`torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages); dpo, baseline_dpo (QLoRA DPO on preference
+pairs of SEQ tokens a side: `lora train` with method: dpo against TRL's DPOTrainer with PEFT as its docs write it);
+grpo, baseline_grpo (QLoRA GRPO, GRPO_GENERATIONS completions of GRPO_COMPLETION tokens for each prompt, scored by
+length_reward below: `lora train` with method: grpo against TRL's GRPOTrainer with PEFT; give them --timeout 600).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 """
 
@@ -50,6 +53,8 @@ ARCHS = {
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                          rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
+PREFERENCE_MODES, RL_MODES = ("dpo", "baseline_dpo"), ("grpo", "baseline_grpo")
+GRPO_PROMPT, GRPO_COMPLETION, GRPO_GENERATIONS = 256, int(os.environ.get("BENCH_GRPO_COMPLETION", 128)), 8
 MATMUL_PARAMS = {"llama-3.1-8b": 7.5e9, "tiny": 3.3e6}  # non-embedding matmul parameters incl. lm_head, as the baseline counts
 PEAK_FLOPS = 989e12  # H100/H200 dense bf16
 WORK = Path(tempfile.gettempdir()) / "lora-bench"
@@ -73,13 +78,29 @@ def build_model(arch: str) -> Path:
 
 
 def write_data(kind: str) -> Path:
-    """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..2048."""
+    """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..2048;
+    preference: pairs of random text (a quarter of SEQ tokens of prompt, chosen and rejected of SEQ each, cut to SEQ
+    by max_length, so every sequence has SEQ tokens); prompts: GRPO's prompts of about GRPO_PROMPT tokens."""
     import numpy as np
 
     path = WORK / f"{kind}.jsonl"
     if path.is_file():
         return path
     rng = np.random.default_rng(0)
+    if kind in ("preference", "prompts"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR", REPO / ".gpu" / "tokenizer"))
+
+        def text(n):  # random ids as text: the trainers tokenize text themselves
+            return tokenizer.decode(rng.integers(1000, 30000, size=n).tolist())
+
+        with path.open("w") as handle:
+            for _ in range(BATCH * (STEPS + 1) if kind == "preference" else STEPS + 1):
+                row = ({"prompt": text(SEQ // 4), "chosen": text(SEQ), "rejected": text(SEQ)} if kind == "preference"
+                       else {"prompt": text(GRPO_PROMPT)})
+                handle.write(json.dumps(row) + "\n")
+        return path
     if kind == "fixed":
         lengths = [SEQ] * (BATCH * (STEPS + 1))
     else:
@@ -143,6 +164,8 @@ def count_tokens_on_device() -> None:
     from transformers import Trainer
 
     def track(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no":  # GRPO: GRPOTrainer counts prompt and completion tokens
+            return
         mask = inputs.get("attention_mask")
         count = mask.sum() if mask is not None else (inputs["input_ids"] != self.processing_class.pad_token_id).sum()
         TOKENS_SEEN[:] = [count if not TOKENS_SEEN else TOKENS_SEEN[0] + count]
@@ -305,7 +328,26 @@ def training_settings(data_kind: str) -> dict:
                 "include_num_input_tokens_seen": "non_padding"}
     if data_kind == "varied":
         settings["per_device_train_batch_size"] = 8  # the tutorials' padded batches of 8
+    if data_kind == "preference":
+        settings["learning_rate"] = 5e-5
+    if data_kind == "prompts":  # one prompt's group a step; GRPOTrainer counts its tokens itself (prompt + completion)
+        del settings["max_length"]
+        settings.update(per_device_train_batch_size=GRPO_GENERATIONS, num_generations=GRPO_GENERATIONS,
+                        max_completion_length=GRPO_COMPLETION, learning_rate=1e-5, include_num_input_tokens_seen="no")
     return settings
+
+
+def data_kind_of(mode: str) -> str:
+    if mode in PREFERENCE_MODES:
+        return "preference"
+    if mode in RL_MODES:
+        return "prompts"
+    return "varied" if "varied" in mode else "fixed"
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """GRPO's reward in the benchmark, the same for both sides: completions near 200 characters score best."""
+    return [-abs(len(c if isinstance(c, str) else c[0]["content"]) - 200) / 200 for c in completions]
 
 
 def run_lora(mode: str, arch: str) -> dict:
@@ -315,7 +357,7 @@ def run_lora(mode: str, arch: str) -> dict:
     from lora_cli.recipe import build_recipe
     from lora_cli.train import train
 
-    data_kind = "varied" if "varied" in mode else "fixed"
+    data_kind = data_kind_of(mode)
     training = training_settings(data_kind)
     if data_kind == "varied":
         training.update(per_device_train_batch_size=BATCH, packing=True)  # packed rows of SEQ tokens, padding-free
@@ -326,7 +368,11 @@ def run_lora(mode: str, arch: str) -> dict:
         "training": training,
         "output_dir": str(WORK / f"out-{mode}"),
     }
-    if "qlora" in mode:
+    if mode in PREFERENCE_MODES + RL_MODES:
+        raw["method"] = mode
+    if mode in RL_MODES:
+        raw["rewards"] = [f"{Path(__file__).resolve()}:length_reward"]
+    if "qlora" in mode or mode in PREFERENCE_MODES + RL_MODES:
         raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     if mode.endswith("_nogc"):  # no recomputation: as a recipe with memory to spare may set it
         raw["training"]["gradient_checkpointing"] = False
@@ -360,17 +406,18 @@ def run_lora(mode: str, arch: str) -> dict:
 
 def run_baseline(mode: str, arch: str) -> dict:
     """The plain stack as the tutorials write it: the model loaded by transformers (quantized for QLoRA), PEFT's
-    LoraConfig, TRL's SFTTrainer with its defaults; peak memory counted from the start of training."""
+    LoraConfig, TRL's SFTTrainer (DPOTrainer, GRPOTrainer) with its defaults; peak memory counted from the start of
+    training."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     path = build_model(arch)
-    data_kind = "varied" if "varied" in mode else "fixed"
+    data_kind = data_kind_of(mode)
     kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
-    if "qlora" in mode:
+    if "qlora" in mode or mode in PREFERENCE_MODES + RL_MODES:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
@@ -378,13 +425,21 @@ def run_baseline(mode: str, arch: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0 if gpu else "cpu"}, **kwargs)
     rows = [json.loads(line) for line in write_data(data_kind).read_text().splitlines()]
     records, losses = [], []
-    args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu,
-                     gradient_checkpointing="nogc" not in mode, torch_compile=mode.endswith("_compile"), packing=False,
-                     dataloader_num_workers=0, **training_settings(data_kind))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)],
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                task_type="CAUSAL_LM"))
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    common = dict(model=model, train_dataset=Dataset.from_list(rows), peft_config=peft_config,
+                  processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)])
+    output = dict(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0,
+                  **training_settings(data_kind))
+    if mode == "baseline_dpo":
+        args = DPOConfig(**output)
+        trainer = DPOTrainer(args=args, **common)
+    elif mode == "baseline_grpo":
+        args = GRPOConfig(**output)
+        trainer = GRPOTrainer(args=args, reward_funcs=[length_reward], **common)
+    else:
+        args = SFTConfig(gradient_checkpointing="nogc" not in mode, torch_compile=mode.endswith("_compile"),
+                         packing=False, **output)
+        trainer = SFTTrainer(args=args, **common)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     return measure(records, losses, trainable, arch, args.per_device_train_batch_size)
@@ -485,9 +540,11 @@ def write_rows(results: dict, args, gpu: str) -> None:
     }
     rows = []
     for mode, result in results.items():
-        data_kind = "varied" if "varied" in mode else "fixed"
+        data_kind = data_kind_of(mode)
         baseline_mode = None
-        if not mode.startswith("baseline_"):
+        if mode in ("dpo", "grpo"):
+            baseline_mode = f"baseline_{mode}"
+        elif not mode.startswith("baseline_"):
             method = "lora" if mode.startswith("lora") else "qlora"  # unsloth runs QLoRA
             baseline_mode = f"baseline_{method}{'_varied' if data_kind == 'varied' else ''}"
         baseline = results.get(baseline_mode, {})

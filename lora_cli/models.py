@@ -210,6 +210,8 @@ class AdapterInfo:
     model: ModelSection
     quantization: QuantizationSection | None  # how the base was quantized in training (QLoRA), from recipe.yaml
     peft_config: dict
+    method: str = "sft"  # the training method, from recipe.yaml
+    started_from: str | None = None  # the adapter this one continued (recipe.yaml's model.adapter), if any
 
     @property
     def has_tokenizer(self) -> bool:
@@ -284,7 +286,33 @@ def read_adapter(folder, base: str | None = None) -> AdapterInfo:
     else:
         raise LoraError(f"{config_file} does not name the base model (base_model_name_or_path); pass --base.")
     model_raw["name_or_path"] = name
-    return AdapterInfo(folder, name, field, ModelSection(**model_raw), quantization, peft_config)
+    started_from = model_raw.pop("adapter", None)
+    return AdapterInfo(folder, name, field, ModelSection(**model_raw), quantization, peft_config,
+                       str(recipe.get("method") or "sft"), started_from)
+
+
+def adapter_chain(info: AdapterInfo) -> list[tuple[str, str]]:
+    """[(folder, method)] from the first adapter trained to this one: an adapter trained on with model.adapter holds
+    its start's training too (it continued those weights), so merging it merges the whole chain."""
+    chain, seen = [(str(info.folder), info.method)], {info.folder.resolve()}
+    start = info.started_from
+    while start:
+        folder = Path(start)
+        if folder.resolve() in seen or not (folder / ADAPTER_CONFIG).is_file():
+            chain.insert(0, (start, "moved or removed since"))
+            break
+        seen.add(folder.resolve())
+        earlier = read_adapter(folder)
+        chain.insert(0, (start, earlier.method))
+        start = earlier.started_from
+    return chain
+
+
+def chain_text(info: AdapterInfo) -> str | None:
+    """'base + a (sft) + b (dpo)' for an adapter that continued another, else None."""
+    if not info.started_from:
+        return None
+    return " + ".join([info.base, *(f"{folder} ({method})" for folder, method in adapter_chain(info))])
 
 
 def _known_fields(cls, raw) -> dict:
