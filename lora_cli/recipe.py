@@ -419,7 +419,7 @@ def resolve_rewards(raw, ctx: _Context, method: str, base_dir: Path) -> list[str
     """
     if raw is None:
         if method == "grpo":
-            ctx.fail("rewards", f"is required for method: grpo: list reward functions, built-in "
+            ctx.fail("method", f"is grpo, which needs rewards: a top-level list of reward functions, built-in "
                      f"({', '.join(BUILTIN_REWARDS)}) or your own as file.py:function, for example "
                      "rewards: [exact_match, my_rewards.py:format_ok].")
         return None
