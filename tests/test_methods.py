@@ -30,9 +30,10 @@ FAST = {"gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "n
 
 def write_recipe(folder, model_dir, data, method, training=None, name=None, **top):
     path = folder / f"{name or method}.yaml"
+    fast = {k: v for k, v in FAST.items() if not (method == "grpo" and k == "max_length")}  # GRPO: completion length
     raw = {"method": method, "model": {"name_or_path": str(model_dir)},
            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-           "data": {"train": str(data)}, "training": {**FAST, **(training or {})},
+           "data": {"train": str(data)}, "training": {**fast, **(training or {})},
            "output_dir": str(folder / f"out-{name or method}"), **top}
     path.write_text(yaml.safe_dump(raw))
     return path
