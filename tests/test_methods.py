@@ -133,15 +133,20 @@ def peaked_tiny_llama(folder, tokenizer_dir):
 
 
 def test_grpo_raises_its_reward_on_a_learnable_task(tmp_path, tiny_llama):
-    """The row's `target` column names the token the model samples most often (a few percent of its tokens); a user
-    reward function pays for its share of the completion. GRPO's mean reward over the last steps beats the first."""
+    """The row's `target` column names a token the model samples in about a third of its completions; a user reward
+    function pays for its share of the completion. GRPO's mean reward over the last steps beats the first."""
     model, tokenizer = peaked_tiny_llama(tmp_path / "peaked", tiny_llama)
     prompts = [p["prompt"] for p in PAIRS[:8]]
     torch.manual_seed(0)
     sampled = torch.cat([model.generate(tokenizer(p, return_tensors="pt").input_ids, do_sample=True, max_new_tokens=8,
                                         num_return_sequences=8, pad_token_id=tokenizer.pad_token_id)[:, -8:]
                          for p in prompts])
-    target = int(torch.bincount(sampled.flatten()).argmax())
+    # The token in the most nearly a third of the completions: some groups hold it and some do not, so the rewards
+    # of a group differ (a token in every completion, or in none, gives every completion the same advantage, 0).
+    present = torch.zeros(len(tokenizer))
+    for completion in sampled:
+        present[completion.unique()] += 1 / len(sampled)
+    target = int((present - 1 / 3).abs().argmin())
     (tmp_path / "my_rewards.py").write_text(FAVOURITE_TOKEN_REWARD)
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "target": target} for p in prompts])
     path = write_recipe(tmp_path, tmp_path / "peaked", data, "grpo",
