@@ -96,10 +96,13 @@ def test_every_method_trains_with_qlora(method, tmp_path, tiny_llama):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS if method != "grpo" else
                        [{"prompt": p["prompt"], "answer": "7"} for p in PAIRS])
     training = {"max_steps": 2, "learning_rate": 1e-2}
-    if method == "grpo":
+    rewards = {}
+    if method == "grpo":  # a reward that differs between completions, so the advantages (and gradients) are not 0
         training.update(num_generations=4, max_completion_length=6)
-    path = write_recipe(tmp_path, tiny_llama, data, method, training,
-                        quantization={"load_in_4bit": True}, **({"rewards": ["exact_match"]} if method == "grpo" else {}))
+        (tmp_path / "parity.py").write_text("def first_token_parity(completion_ids, **kwargs):\n"
+                                            "    return [float(ids[0] % 2) for ids in completion_ids]\n")
+        rewards = {"rewards": ["exact_match", "parity.py:first_token_parity"]}
+    path = write_recipe(tmp_path, tiny_llama, data, method, training, quantization={"load_in_4bit": True}, **rewards)
     summary = train(load_recipe(path))
     assert summary["steps"] == 2
     weights = load_file(tmp_path / f"out-{method}" / "adapter_model.safetensors")
@@ -261,7 +264,7 @@ def test_dpo_kill_9_then_resume_matches_the_straight_run(tmp_path, tiny_llama, c
     assert not (out / "adapter_config.json").exists(), "the kill landed after the run had finished"
     changed = write_recipe(tmp_path, tiny_llama, data, "dpo", {**training, "beta": 0.5}, name="killed")
     message = error_line(run_cli(["train", changed, "--resume"], capsys))
-    assert "training.beta: 0.1 -> 0.5" in message  # the same parity check as SFT, on DPO's own keys
+    assert "training.beta: (not set) -> 0.5" in message  # the same parity check as SFT, on DPO's own keys
     write_recipe(tmp_path, tiny_llama, data, "dpo", training, name="killed")
     resumed = run_cli(["train", killed, "--resume"], capsys)
     assert resumed.code == 0, resumed.err[-3000:]
