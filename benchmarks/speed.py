@@ -20,7 +20,10 @@ typical: the varlen path at long max_length, beside qlora's fixed rows); lora_no
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
 lora_trlloss, qlora_varied_novarlen, qlora_documents_novarlen, qlora_notiled (one default lever off); qlora_cudnn,
 qlora_flex (speed.attention_kernel: cuDNN's SDPA, FlexAttention); baseline_qlora_compile, qlora_compile (each with
-TRL's `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages).
+TRL's `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages); dpo, baseline_dpo (QLoRA DPO on preference
+pairs of SEQ tokens a side: `lora train` with method: dpo against TRL's DPOTrainer with PEFT as its docs write it);
+grpo, baseline_grpo (QLoRA GRPO, GRPO_GENERATIONS completions of GRPO_COMPLETION tokens for each prompt, scored by
+length_reward below: `lora train` with method: grpo against TRL's GRPOTrainer with PEFT; give them --timeout 600).
 BENCH_PROFILE=1 prints where the GPU time of two steps goes; BENCH_MEMORY=1 what is allocated at the peak.
 
 --arch picks the shape: llama-3.1-8b (the default), qwen3-8b (Qwen3's q/k norms), qwen3-30b-a3b (MoE, 128 experts, 24
@@ -81,6 +84,8 @@ ARCHS = {
                           num_hidden_layers=48, layers=24, num_attention_heads=32, num_key_value_heads=4,
                           num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
 }
+PREFERENCE_MODES, RL_MODES = ("dpo", "baseline_dpo"), ("grpo", "baseline_grpo")
+GRPO_PROMPT, GRPO_COMPLETION, GRPO_GENERATIONS = 256, int(os.environ.get("BENCH_GRPO_COMPLETION", 128)), 8
 
 
 def arch_config(arch: str):
@@ -143,6 +148,8 @@ def build_model(arch: str) -> Path:
 def write_data(kind: str) -> Path:
     """fixed: rows of exactly SEQ tokens; varied: 4,000 chat-like lengths, log-normal, median ~300, 30..SEQ;
     documents: long documents, log-normal, median SEQ / 4, SEQ / 64..SEQ, enough to pack the steps' rows.
+    preference: pairs of random text (a quarter of SEQ tokens of prompt, chosen and rejected of SEQ each, cut to SEQ
+    by max_length, so every sequence has SEQ tokens); prompts: GRPO's prompts of about GRPO_PROMPT tokens.
     The file's name has the length, batch size and steps it was written for."""
     import numpy as np
 
@@ -150,6 +157,20 @@ def write_data(kind: str) -> Path:
     if path.is_file():
         return path
     rng = np.random.default_rng(0)
+    if kind in ("preference", "prompts"):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER_DIR", REPO / ".gpu" / "tokenizer"))
+
+        def text(n):  # random ids as text: the trainers tokenize text themselves
+            return tokenizer.decode(rng.integers(1000, 30000, size=n).tolist())
+
+        with path.open("w") as handle:
+            for _ in range(BATCH * (STEPS + 1) if kind == "preference" else STEPS + 1):
+                row = ({"prompt": text(SEQ // 4), "chosen": text(SEQ), "rejected": text(SEQ)} if kind == "preference"
+                       else {"prompt": text(GRPO_PROMPT)})
+                handle.write(json.dumps(row) + "\n")
+        return path
     if kind == "fixed":
         lengths = [SEQ] * (BATCH * (STEPS + 1))
     elif kind == "documents":
@@ -217,6 +238,8 @@ def count_tokens_on_device() -> None:
     from transformers import Trainer
 
     def track(self, inputs):
+        if self.args.include_num_input_tokens_seen == "no":  # GRPO: GRPOTrainer counts prompt and completion tokens
+            return
         mask = inputs.get("attention_mask")
         count = mask.sum() if mask is not None else (inputs["input_ids"] != self.processing_class.pad_token_id).sum()
         TOKENS_SEEN[:] = [count if not TOKENS_SEEN else TOKENS_SEEN[0] + count]
@@ -390,7 +413,26 @@ def training_settings(data_kind: str) -> dict:
                 "include_num_input_tokens_seen": "non_padding"}
     if data_kind == "varied":
         settings["per_device_train_batch_size"] = 8  # the tutorials' padded batches of 8
+    if data_kind == "preference":
+        settings["learning_rate"] = 5e-5
+    if data_kind == "prompts":  # one prompt's group a step; GRPOTrainer counts its tokens itself (prompt + completion)
+        del settings["max_length"]
+        settings.update(per_device_train_batch_size=GRPO_GENERATIONS, num_generations=GRPO_GENERATIONS,
+                        max_completion_length=GRPO_COMPLETION, learning_rate=1e-5, include_num_input_tokens_seen="no")
     return settings
+
+
+def data_kind_of(mode: str) -> str:
+    if mode in PREFERENCE_MODES:
+        return "preference"
+    if mode in RL_MODES:
+        return "prompts"
+    return next((kind for kind in ("varied", "documents") if kind in mode), "fixed")
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """GRPO's reward in the benchmark, the same for both sides: completions near 200 characters score best."""
+    return [-abs(len(c if isinstance(c, str) else c[0]["content"]) - 200) / 200 for c in completions]
 
 
 def run_lora(mode: str, arch: str) -> dict:
@@ -413,7 +455,11 @@ def run_lora(mode: str, arch: str) -> dict:
         "training": training,
         "output_dir": str(WORK / f"out-{mode}"),
     }
-    if "qlora" in mode:
+    if mode in PREFERENCE_MODES + RL_MODES:
+        raw["method"] = mode
+    if mode in RL_MODES:
+        raw["rewards"] = [f"{Path(__file__).resolve()}:length_reward"]
+    if "qlora" in mode or mode in PREFERENCE_MODES + RL_MODES:
         raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
     if mode.endswith("_nogc"):  # no recomputation: as a recipe with memory to spare may set it
         raw["training"]["gradient_checkpointing"] = False
@@ -451,17 +497,18 @@ def run_lora(mode: str, arch: str) -> dict:
 
 def run_baseline(mode: str, arch: str) -> dict:
     """The plain stack as the tutorials write it: the model loaded by transformers (quantized for QLoRA), PEFT's
-    LoraConfig, TRL's SFTTrainer with its defaults; peak memory counted from the start of training."""
+    LoraConfig, TRL's SFTTrainer (DPOTrainer, GRPOTrainer) with its defaults; peak memory counted from the start of
+    training."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
     path = build_model(arch)
     data_kind = data_kind_of(mode)
     kwargs = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
-    if "qlora" in mode:
+    if "qlora" in mode or mode in PREFERENCE_MODES + RL_MODES:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
@@ -469,13 +516,21 @@ def run_baseline(mode: str, arch: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, device_map={"": 0 if gpu else "cpu"}, **kwargs)
     rows = [json.loads(line) for line in write_data(data_kind).read_text().splitlines()]
     records, losses = [], []
-    args = SFTConfig(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu,
-                     gradient_checkpointing="nogc" not in mode, torch_compile=mode.endswith("_compile"), packing=False,
-                     dataloader_num_workers=0, **training_settings(data_kind))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)],
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                task_type="CAUSAL_LM"))
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    common = dict(model=model, train_dataset=Dataset.from_list(rows), peft_config=peft_config,
+                  processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer_callback(records, losses)])
+    output = dict(output_dir=str(WORK / f"out-{mode}"), bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0,
+                  **training_settings(data_kind))
+    if mode == "baseline_dpo":
+        args = DPOConfig(**output)
+        trainer = DPOTrainer(args=args, **common)
+    elif mode == "baseline_grpo":
+        args = GRPOConfig(**output)
+        trainer = GRPOTrainer(args=args, reward_funcs=[length_reward], **common)
+    else:
+        args = SFTConfig(gradient_checkpointing="nogc" not in mode, torch_compile=mode.endswith("_compile"),
+                         packing=False, **output)
+        trainer = SFTTrainer(args=args, **common)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     return measure(records, losses, trainable, arch, args.per_device_train_batch_size)
@@ -507,10 +562,6 @@ def run_unsloth(arch: str) -> dict:
     tokens_per_step = BATCH * SEQ * trainer.args.gradient_accumulation_steps
     records = [(t, i * tokens_per_step) for i, (t, _) in enumerate(records, start=1)]
     return measure(records, losses, trainable, arch, BATCH)
-
-
-def data_kind_of(mode: str) -> str:
-    return next((kind for kind in ("varied", "documents") if kind in mode), "fixed")
 
 
 def run_mode(mode: str, arch: str) -> None:
@@ -650,7 +701,8 @@ MEASURED = ("tokens_per_second", "peak_gib", "reserved_gib", "graph_pool_gib", "
             "gpu_sm_clock_mhz", "peak_host_gib", "pinned_host_gib", "seconds_per_step", "outcome", "notes")
 # The mode a row is compared with, measured in the same run at the same length: the plain stack, except for packed
 # long documents, whose comparison is lora train's own fixed-length rows (the varlen path's share of that rate).
-BASELINE_OF = {"qlora_documents": "qlora", "qlora_documents_novarlen": "qlora"}
+BASELINE_OF = {"qlora_documents": "qlora", "qlora_documents_novarlen": "qlora", "dpo": "baseline_dpo",
+               "grpo": "baseline_grpo"}
 
 
 def write_rows(results: dict, args, gpu: str) -> None:

@@ -89,6 +89,9 @@ def merge(
         verify=not no_verify, force=force, progress=lambda message: print(message, flush=True),
     )
     print(f"Merged {result.adapter_dir} into {result.base} -> {result.out_dir}")
+    if result.chain:
+        print(f"  chain:   {result.chain}: the adapter continued training the one before it, so its weights hold "
+              "every stage, and the merged model is the whole chain")
     print(f"  weights: the adapter added to {result.weights}")
     if result.max_logit_diff is None:
         print("  verify:  skipped (--no-verify)")
@@ -124,7 +127,8 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Seeds sampling, so a sampled answer can be repeated."),
     json_output: bool = typer.Option(False, "--json", help="JSON lines with prompt, completion and token counts."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive (one prompt)."),
-    compare_base: bool = typer.Option(False, "--compare-base", help="Adapter targets: print the base's answer too."),
+    compare_base: bool = typer.Option(
+        False, "--compare-base", help="Adapter targets: print the base's answer too (and the starting adapter's)."),
     load_in_4bit: bool = typer.Option(
         False, "--load-in-4bit", help="Load the model quantized to NF4 (QLoRA adapters load their base so anyway)."
     ),
@@ -159,7 +163,9 @@ def generate(
         else:
             print(f"=== prompt {number}: {result.prompt.label}")
             if result.base is not None:
-                print(f"--- with the adapter:\n{result.text}\n--- base model alone:\n{result.base.text}\n")
+                start = (f"--- the starting adapter {result.start_name} alone:\n{result.start.text}\n"
+                         if result.start is not None else "")
+                print(f"--- with the adapter:\n{result.text}\n{start}--- base model alone:\n{result.base.text}\n")
             else:
                 print(f"{result.text}\n")
 

@@ -8,9 +8,12 @@ transformers' `generate()` does the decoding and `TextStreamer` the streaming. A
 - Generation stops on the generation config's EOS, the tokenizer's EOS and the chat template's end-of-turn
   token: a generation config that names only <|endoftext|> would otherwise run past the end of the answer.
 - Temperature 0 means greedy and clears the sampling settings a model's generation config may carry.
-- --compare-base answers with PEFT's `disable_adapter()` on the same weights instead of loading the base twice.
+- --compare-base answers with PEFT's `disable_adapter()` on the same weights instead of loading the base twice; for
+  an adapter that continued another (model.adapter, such as DPO on top of SFT), that starting adapter is loaded
+  beside it as a second PEFT adapter and answers too.
 """
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from lora_cli.models import (
 from lora_cli.recipe import QuantizationSection
 
 ROLES = ("system", "user", "assistant")
+START_ADAPTER = "start"  # the PEFT name of the starting adapter, loaded beside the target's for --compare-base
 
 
 @dataclass
@@ -84,6 +88,8 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (an EOS) or "length" (max_new_tokens)
     base: "Completion | None" = None  # --compare-base: the base model's answer
+    start: "Completion | None" = None  # --compare-base: the starting adapter's answer, where there is one
+    start_name: str | None = None  # that adapter's folder
 
     def to_json(self) -> dict:
         row = {"prompt": self.prompt.label}
@@ -93,9 +99,12 @@ class Completion:
                    completion_tokens=self.completion_tokens, finish_reason=self.finish_reason)
         if self.prompt.reference is not None:
             row["reference"] = self.prompt.reference
-        if self.base is not None:
-            row["base"] = {"completion": self.base.text, "completion_tokens": self.base.completion_tokens,
-                           "finish_reason": self.base.finish_reason}
+        for name, other in (("base", self.base), ("start", self.start)):
+            if other is not None:
+                row[name] = {"completion": other.text, "completion_tokens": other.completion_tokens,
+                             "finish_reason": other.finish_reason}
+        if self.start is not None:
+            row["start"]["adapter"] = self.start_name
         return row
 
 
@@ -109,16 +118,19 @@ class Target:
     is_adapter: bool
     base: str | None = None  # adapters: their base model's name
     stop_ids: list[int] = field(default_factory=list)
+    start: str | None = None  # the adapter this one continued, loaded beside it as START_ADAPTER (--compare-base)
 
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
-def load_target(target: str, base: str | None = None, load_in_4bit: bool = False) -> Target:
-    """An adapter folder (with its base), a model folder, a hub id or the embedded model, ready to generate."""
+def load_target(target: str, base: str | None = None, load_in_4bit: bool = False, with_start: bool = False) -> Target:
+    """An adapter folder (with its base), a model folder, a hub id, a GGUF file or the embedded model, ready to
+    generate. with_start: also load the adapter it continued (if it did, and that folder is still there)."""
     kind = target_kind(target)
     is_adapter = kind == "adapter"
+    start = None
     if base and not is_adapter:
         raise LoraError(f"--base is for adapter targets; '{target}' is a model.")
     four_bit = QuantizationSection(load_in_4bit=True) if load_in_4bit else None
@@ -129,6 +141,9 @@ def load_target(target: str, base: str | None = None, load_in_4bit: bool = False
         tokenizer = load_tokenizer(str(info.folder) if info.has_tokenizer else path, info.model.trust_remote_code)
         model = attach_adapter(model, info)
         base_name = info.base
+        if with_start and info.started_from and is_adapter_folder(info.started_from):
+            start = info.started_from
+            model.load_adapter(start, adapter_name=START_ADAPTER)
     elif kind == "gguf":
         if load_in_4bit:
             raise LoraError(f"--load-in-4bit: '{target}' is a GGUF file, quantized in its own way already.")
@@ -142,7 +157,7 @@ def load_target(target: str, base: str | None = None, load_in_4bit: bool = False
     model.eval()
     stop = [model.generation_config.eos_token_id, tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
     stop_ids = list(dict.fromkeys(i for value in stop for i in token_ids(value)))
-    return Target(target, model, tokenizer, is_adapter, base_name, stop_ids)
+    return Target(target, model, tokenizer, is_adapter, base_name, stop_ids, start)
 
 
 def target_kind(target: str) -> str:
@@ -250,17 +265,19 @@ def encode(target: Target, prompt: Prompt, system: str | None = None, raw: bool 
 
 
 def complete(
-    target: Target, prompt: Prompt, ids: list[int], sampling: Sampling, on_text=None, use_adapter: bool = True
+    target: Target, prompt: Prompt, ids: list[int], sampling: Sampling, on_text=None, use_adapter: bool = True,
+    adapter: str | None = None,
 ) -> Completion:
-    """One answer; on_text(piece) receives its text as it comes. use_adapter=False answers with the base."""
-    import contextlib
-
+    """One answer; on_text(piece) receives its text as it comes. use_adapter=False answers with the base; adapter
+    names another loaded adapter to answer with (START_ADAPTER)."""
     import torch
     from transformers import set_seed
 
     set_seed(sampling.seed)
     streamer = _streamer(target.tokenizer, on_text) if on_text else None
     off = target.model.disable_adapter() if target.is_adapter and not use_adapter else contextlib.nullcontext()
+    if adapter is not None:
+        off = _using_adapter(target.model, adapter)
     input_ids = torch.tensor([ids], device=target.model.device)
     with off, torch.no_grad():
         output = target.model.generate(
@@ -283,8 +300,6 @@ def complete_batch(target: Target, prompts: list[Prompt], encoded: list[list[int
                    use_adapter: bool = True) -> list[Completion]:
     """Answers to several prompts in one generate() call, left-padded so every row's answer starts at the same
     column. Greedy answers match complete()'s up to floating-point ties: padding changes the shapes of the matmuls."""
-    import contextlib
-
     import torch
     from transformers import set_seed
 
@@ -305,6 +320,16 @@ def complete_batch(target: Target, prompts: list[Prompt], encoded: list[list[int
         finish = "stop" if stop is not None else "length"
         results.append(Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish))
     return results
+
+
+@contextlib.contextmanager
+def _using_adapter(model, name: str):
+    active = model.active_adapter
+    model.set_adapter(name)
+    try:
+        yield
+    finally:
+        model.set_adapter(active)
 
 
 def _generation_config(target: Target, sampling: Sampling):
@@ -362,13 +387,16 @@ def generate(
         raise LoraError("--stream prints one answer as it is generated: give a single prompt, without --compare-base.")
     if compare_base and not is_adapter_folder(target):
         raise LoraError(f"--compare-base needs an adapter folder as TARGET; '{target}' is not one.")
-    loaded = load_target(target, base, load_in_4bit)
+    loaded = load_target(target, base, load_in_4bit, with_start=compare_base)
     encoded = [encode(loaded, item, system, raw) for item in items]  # every prompt checked before generating
     results = []
     for item, ids in zip(items, encoded):
         result = complete(loaded, item, ids, sampling, on_text)
         if compare_base:
             result.base = complete(loaded, item, ids, sampling, use_adapter=False)
+            if loaded.start is not None:
+                result.start = complete(loaded, item, ids, sampling, adapter=START_ADAPTER)
+                result.start_name = loaded.start
         results.append(result)
     return results
 

@@ -29,16 +29,15 @@ from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 from transformers import AutoConfig
-from trl import SFTConfig
 
 from lora_cli.adapters import linear_module_names, lora_config
 from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError, did_you_mean
 from lora_cli.experts import experts_modules, language_layers
-from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, format_memory_plan,
-                             layer_key, layout_of, linear_shape, plan_for_layout, text_table)
+from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, format_memory_plan, layer_key,
+                             layout_of, linear_shape, method_step, plan_for_layout, recipe_value, text_table)
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
-from lora_cli.recipe import LoraSection, SpeedSection, load_recipe
+from lora_cli.recipe import LoraSection, SpeedSection, config_default, load_recipe
 from lora_cli.speed.policy import choose_offloading, host_memory
 
 DEFAULT_SEQ_LEN = 2048
@@ -348,25 +347,29 @@ def inspect_recipe(recipe_path, overrides=(), model: str | None = None, ranks=No
                "target_experts": experts}
     lora = dataclasses.replace(lora, **{k: v for k, v in changes.items() if v is not None})
     training = recipe.training
+    # The method's step: DPO forwards chosen and rejected of each pair, GRPO num_generations completions a prompt.
+    # --batch-size counts examples (pairs, prompts' completions), as per_device_train_batch_size does.
+    defaults = recipe_value(recipe)
+    overrides = {"per_device_train_batch_size": batch_size, "max_length": seq_len}
+    rows, planned_len, step = method_step(
+        recipe.method, lambda name: overrides[name] if overrides.get(name) is not None else defaults(name))
     if seq_len is None:
-        seq_len = training.get("max_length") or _sft_default("max_length")
-    if batch_size is None:
-        batch_size = training.get("per_device_train_batch_size") or _sft_default("per_device_train_batch_size")
-    report = _inspect(model or recipe.model.name_or_path, lora, ranks or [lora.r], seq_len, batch_size,
+        seq_len = planned_len
+    report = _inspect(model or recipe.model.name_or_path, lora, ranks or [lora.r], seq_len, rows,
                       recipe.model.trust_remote_code)
+    report["memory"]["step"] = step
     quantization = recipe.quantization
     checkpointing = training.get("gradient_checkpointing")
     report["recipe"] = {
         "path": str(recipe_path),
+        "training_method": recipe.method,
         "method": "qlora" if quantization is not None and quantization.load_in_4bit else "lora",
-        "gradient_checkpointing": _sft_default("gradient_checkpointing") if checkpointing is None else checkpointing,
+        "gradient_checkpointing": config_default(recipe.method, "gradient_checkpointing") if checkpointing is None else checkpointing,
         "load_in_8bit": bool(quantization is not None and quantization.load_in_8bit),
     }
     return report
 
 
-def _sft_default(name: str):
-    return next(f.default for f in dataclasses.fields(SFTConfig) if f.name == name)
 
 
 
@@ -414,7 +417,8 @@ def format_report(report: dict) -> str:
         highlight = (recipe["method"], recipe["gradient_checkpointing"])
         checkpointing = "on" if recipe["gradient_checkpointing"] else "off"
         method = METHOD_NAMES[recipe["method"]]
-        lines += ["", f"Recipe {recipe['path']}: {method}, gradient checkpointing {checkpointing}."]
+        lines += ["", f"Recipe {recipe['path']}: {recipe['training_method']} with {method}, gradient checkpointing "
+                      f"{checkpointing}."]
         if recipe["load_in_8bit"]:
             lines.append("  8-bit loading is not modelled: expect a peak between the QLoRA and LoRA rows.")
     lines += ["", format_memory_plan(report["memory"], highlight)]

@@ -45,6 +45,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPP
 from lora_cli.errors import LoraError, first_line
 from lora_cli.experts import language_layers
 from lora_cli.multimodal import auto_class
+from lora_cli.recipe import config_default
 
 GIB = 2**30
 MIB = 2**20
@@ -506,6 +507,37 @@ def layout_and_trained(config, lora_modules=None) -> tuple[Layout, list[LayerMod
     return lay, [m for m in lay.layer_modules if _match(m.path, names)]
 
 
+PAIR_METHODS = ("dpo", "orpo", "simpo")
+GRPO_PROMPT_TOKENS = 512  # prompt tokens planned before GRPO's completions, where no data says (--seq-len overrides)
+
+
+def method_step(method: str, value) -> tuple[int, int, str]:
+    """(sequences a step runs with gradients, tokens each, what they are in words) for a method's training step;
+    value(name) gives a training setting (the recipe's, else the method's default).
+
+    DPO, ORPO and SimPO forward the chosen and the rejected completion of every pair (one batch of both); KTO one
+    completion per example (its KL estimate's mismatched completions go through without gradients, so they keep no
+    activations); GRPO per_device_train_batch_size completions, num_generations of them per prompt. Reference passes
+    run without gradients and keep nothing for the backward.
+    """
+    batch = value("per_device_train_batch_size")
+    if method == "grpo":
+        completion = value("max_completion_length")
+        groups = value("num_generations")
+        return batch, GRPO_PROMPT_TOKENS + completion, (
+            f"{batch} completions ({groups} per prompt) of up to {completion} tokens after a prompt of up to "
+            f"{GRPO_PROMPT_TOKENS}")
+    seq_len = value("max_length") or 1024
+    if method in PAIR_METHODS:
+        return 2 * batch, seq_len, f"the chosen and the rejected completion of {batch} pairs"
+    return batch, seq_len, f"{batch} {'labelled completions' if method == 'kto' else 'examples'}"
+
+
+def recipe_value(recipe):
+    """value(name) for method_step: the recipe's training setting, else the method's default."""
+    return lambda name: recipe.training[name] if name in recipe.training else config_default(recipe.method, name)
+
+
 def gib_text(n: int) -> str:
     return "<0.01" if 0 < n < GIB / 200 else f"{n / GIB:.2f}"
 
@@ -524,6 +556,8 @@ def format_memory_plan(plan: dict, highlight: tuple[str, bool] | None = None) ->
     tokens = f"{plan['batch_size']} x {plan['seq_len']} tokens"
     title = f"Memory plan for one training step, batch {tokens}, LoRA r={plan['rank']} (GiB, peak = max allocated):"
     lines = [title]
+    if plan.get("step"):
+        lines.append(f"  a step of {plan['step']}")
     header = ["method", "checkpointing", "weights", "LoRA", "grads", "optimizer", "activations", "peak", "device"]
     rows = []
     for row in plan["rows"]:

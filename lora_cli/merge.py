@@ -28,6 +28,7 @@ from pathlib import Path
 from lora_cli.errors import LoraError, did_you_mean
 from lora_cli.models import (
     attach_adapter,
+    chain_text,
     end_of_turn_id,
     load_adapter_base,
     load_config,
@@ -73,6 +74,7 @@ class MergeResult:
     adapter_effect: float | None = None  # largest |logit| change the adapter makes on the probes
     eos: str = ""
     note: str = ""  # a caution for people, when there is one
+    chain: str | None = None  # base + start adapter + ... for an adapter that continued another
     files: list[str] = field(default_factory=list)
     size_bytes: int = 0
 
@@ -114,7 +116,7 @@ def merge_adapter(
     peft_model = attach_adapter(model, info)
     peft_model.eval()
     probes = probe_inputs(tokenizer)
-    result = MergeResult(out, info.folder, info.base, path, dtype, mode, weights)
+    result = MergeResult(out, info.folder, info.base, path, dtype, mode, weights, chain=chain_text(info))
     if verify:
         reference = probe_logits(peft_model, probes)
         with peft_model.disable_adapter():

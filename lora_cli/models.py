@@ -185,14 +185,18 @@ def _local_device():
 
 
 def load_base_for_recipe(recipe):
-    """(model, tokenizer, model path) for a recipe's model and quantization sections."""
+    """(model, tokenizer, model path) for a recipe's model and quantization sections; with model.adapter, the model
+    is a PeftModel with that adapter attached, trainable, and the tokenizer (chat template included) the adapter's."""
     m = recipe.model
     path = resolve_model_path(m.name_or_path)
     dtype = pick_dtype(m.dtype)
-    tokenizer = load_tokenizer(path, m.trust_remote_code)
+    start = read_adapter(m.adapter) if m.adapter else None
+    tokenizer = load_tokenizer(str(start.folder) if start and start.has_tokenizer else path, m.trust_remote_code)
     model = load_model(
         path, dtype, recipe.quantization, m.attn_implementation, m.trust_remote_code, m.use_safetensors
     )
+    if start is not None:
+        model = attach_adapter(model, start, trainable=True)
     return model, tokenizer, path
 
 
@@ -211,6 +215,8 @@ class AdapterInfo:
     model: ModelSection
     quantization: QuantizationSection | None  # how the base was quantized in training (QLoRA), from recipe.yaml
     peft_config: dict
+    method: str = "sft"  # the training method, from recipe.yaml
+    started_from: str | None = None  # the adapter this one continued (recipe.yaml's model.adapter), if any
 
     @property
     def has_tokenizer(self) -> bool:
@@ -285,7 +291,33 @@ def read_adapter(folder, base: str | None = None) -> AdapterInfo:
     else:
         raise LoraError(f"{config_file} does not name the base model (base_model_name_or_path); pass --base.")
     model_raw["name_or_path"] = name
-    return AdapterInfo(folder, name, field, ModelSection(**model_raw), quantization, peft_config)
+    started_from = model_raw.pop("adapter", None)
+    return AdapterInfo(folder, name, field, ModelSection(**model_raw), quantization, peft_config,
+                       str(recipe.get("method") or "sft"), started_from)
+
+
+def adapter_chain(info: AdapterInfo) -> list[tuple[str, str]]:
+    """[(folder, method)] from the first adapter trained to this one: an adapter trained on with model.adapter holds
+    its start's training too (it continued those weights), so merging it merges the whole chain."""
+    chain, seen = [(str(info.folder), info.method)], {info.folder.resolve()}
+    start = info.started_from
+    while start:
+        folder = Path(start)
+        if folder.resolve() in seen or not (folder / ADAPTER_CONFIG).is_file():
+            chain.insert(0, (start, "moved or removed since"))
+            break
+        seen.add(folder.resolve())
+        earlier = read_adapter(folder)
+        chain.insert(0, (start, earlier.method))
+        start = earlier.started_from
+    return chain
+
+
+def chain_text(info: AdapterInfo) -> str | None:
+    """'base + a (sft) + b (dpo)' for an adapter that continued another, else None."""
+    if not info.started_from:
+        return None
+    return " + ".join([info.base, *(f"{folder} ({method})" for folder, method in adapter_chain(info))])
 
 
 def _known_fields(cls, raw) -> dict:
@@ -306,12 +338,12 @@ def load_adapter_base(info: AdapterInfo, dtype, quantization=None, device_map=No
     return model, path
 
 
-def attach_adapter(model, info: AdapterInfo):
+def attach_adapter(model, info: AdapterInfo, trainable: bool = False):
     """PeftModel.from_pretrained, with a base that does not fit the adapter explained."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(info.folder))
+        return PeftModel.from_pretrained(model, str(info.folder), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)

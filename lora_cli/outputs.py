@@ -15,6 +15,7 @@ from lora_cli import reporting
 from lora_cli.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME
 
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json")  # renamed into place last, in this order
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of a continued adapter
 
 
 def portable_base_name(recipe, model_path: str) -> str:
@@ -53,11 +54,14 @@ def finish(trainer, recipe, out: Path, model_path: str, report: dict, fmt: str, 
     if not trainer.is_world_process_zero():
         return summary
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; recipe.yaml says the same, safely
+    # TRL's frozen reference copy of a continued adapter (methods/dpo.py) is saved as a second adapter; the start
+    # adapter's own folder holds it already.
+    shutil.rmtree(staging / REFERENCE_ADAPTER, ignore_errors=True)
     base_name = portable_base_name(recipe, model_path)
     _set_base_name(staging / "adapter_config.json", base_name)  # after saving: PEFT would look the name up
     _write_recipe(staging / "recipe.yaml", recipe)
     write_json(staging / "train_summary.json", {k: v for k, v in summary.items() if k != "metrics"})
-    reporting.plot_losses(records, staging / "loss.png")
+    reporting.plot_losses(records, staging / "loss.png", recipe.method)
     (staging / "README.md").write_text(reporting.model_card(recipe, base_name, summary, report), encoding="utf-8")
     for path in sorted(staging.iterdir(), key=lambda p: FINAL_FILES.index(p.name) if p.name in FINAL_FILES else -1):
         os.replace(path, out / path.name)

@@ -1,11 +1,16 @@
 """The recipe: schema, defaults, YAML loading, --set overrides and validation.
 
 This module is the single source of defaults. Everything here runs before any weights load, so a typo
-costs a second, not a model download. Training options are TRL's `SFTConfig` fields, passed through
-after a name and type check, so every trainer option is reachable without this module naming it.
+costs a second, not a model download. Training options are the fields of the method's TRL config (`SFTConfig`,
+`DPOConfig`, ...: METHOD_CONFIGS), passed through after a name and type check, so every trainer option is reachable
+without this module naming it.
 """
 
+import ast
 import dataclasses
+import functools
+import importlib
+import json
 import os
 import re
 import types
@@ -17,6 +22,7 @@ from typing import Any
 import yaml
 
 from lora_cli.errors import LoraError, did_you_mean
+from lora_cli.rewards import BUILTIN_REWARDS
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -25,6 +31,13 @@ DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 DISTRIBUTED = ("ddp", "fsdp")
 MATCH_MODES = ("exact", "contains", "regex", "number", "choice")  # how lora eval checks an answer
 UNION_TYPES = (typing.Union, types.UnionType)
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
+# TRL's config class of each method. ORPO and CPO (whose loss_type simpo is SimPO) live in trl.experimental in
+# TRL 1.16; methods/preference.py builds their trainers.
+METHOD_CONFIGS = {
+    "sft": ("trl", "SFTConfig"), "dpo": ("trl", "DPOConfig"), "orpo": ("trl.experimental.orpo", "ORPOConfig"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig"), "kto": ("trl", "KTOConfig"), "grpo": ("trl", "GRPOConfig"),
+}
 
 
 @dataclass
@@ -35,6 +48,7 @@ class ModelSection:
     trust_remote_code: bool = False
     # transformers' own switch: True refuses pickled .bin weights, which can run code when loaded.
     use_safetensors: bool = True
+    adapter: str | None = None  # an adapter folder to keep training (SFT, then DPO on top of it)
 
 
 @dataclass
@@ -82,6 +96,18 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     "seed": 42,
 }
+# Our defaults per method, over TRAINING_DEFAULTS: one epoch of preference or RL training on top of SFT (more
+# over-fits the pairs), and learning rates for LoRA rather than TRL's full fine-tuning ones (1e-6).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "dpo": {"learning_rate": 5.0e-5, "num_train_epochs": 1},
+    "orpo": {"learning_rate": 5.0e-5, "num_train_epochs": 1},
+    # SimPO is CPO's simpo loss without CPO's NLL term (cpo_alpha 0), at the SimPO paper's beta.
+    "simpo": {"learning_rate": 5.0e-5, "num_train_epochs": 1, "loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0},
+    "kto": {"learning_rate": 5.0e-5, "num_train_epochs": 1},
+    # Four completions a prompt, so the default batch of four is one prompt's group (TRL's 8 needs batches of 8).
+    "grpo": {"learning_rate": 1.0e-5, "num_train_epochs": 1, "num_generations": 4, "max_completion_length": 256},
+}
 # Keys the recipe owns elsewhere, so they cannot be set under `training`.
 TRAINING_RESERVED = {"output_dir": "output_dir (top level)", "model_init_kwargs": "the model section"}
 
@@ -122,6 +148,7 @@ class EvalSection:
 
 @dataclass
 class Recipe:
+    method: str = "sft"
     model: ModelSection = field(default_factory=ModelSection)
     quantization: QuantizationSection | None = None
     lora: LoraSection = field(default_factory=LoraSection)
@@ -131,6 +158,7 @@ class Recipe:
     distributed: str | None = None
     speed: SpeedSection = field(default_factory=SpeedSection)
     eval: EvalSection | None = None  # runs lora eval on the adapter once trained
+    rewards: list[str] | None = None  # grpo: built-in names and /path/file.py:function entries (resolved)
     source: str = "recipe"  # the file name errors point at
 
     @property
@@ -140,19 +168,20 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved recipe, as written next to every adapter."""
-        out = {}
+        out = {"method": self.method}
         for name in ("model", "quantization", "lora", "data", "speed", "eval"):
             section = getattr(self, name)
             out[name] = dataclasses.asdict(section) if section is not None else None
         out["training"] = dict(self.training)
         out["output_dir"] = self.output_dir
         out["distributed"] = self.distributed
+        out["rewards"] = list(self.rewards) if self.rewards is not None else None
         return out
 
 
 SECTIONS = {"model": ModelSection, "quantization": QuantizationSection, "lora": LoraSection, "data": DataSection,
             "speed": SpeedSection, "eval": EvalSection}
-TOP_LEVEL = (*SECTIONS, "training", "output_dir", "distributed", "versions")
+TOP_LEVEL = ("method", *SECTIONS, "training", "rewards", "output_dir", "distributed", "versions")
 
 
 class _Loader(yaml.SafeLoader):
@@ -318,31 +347,57 @@ def _check_choice(ctx, key, value, choices):
         ctx.fail(key, f"must be one of {', '.join(map(str, choices))}; got {value!r}.{did_you_mean(value, choices)}")
 
 
-def sft_config_fields() -> dict[str, Any]:
-    """SFTConfig's field names and type hints (imports TRL, which takes a few seconds)."""
-    from trl import SFTConfig
+def trl_config_class(method: str):
+    """TRL's config class for a method (imports TRL, which takes a few seconds)."""
+    module, name = METHOD_CONFIGS[method]
+    # trl.experimental warns on import; `lora train` says itself that ORPO and SimPO come from there.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return getattr(importlib.import_module(module), name)
 
+
+@functools.cache
+def config_fields(method: str = "sft") -> dict[str, Any]:
+    """The field names and type hints of the method's TRL config."""
+    config_class = trl_config_class(method)
     try:
-        hints = typing.get_type_hints(SFTConfig)
+        hints = typing.get_type_hints(config_class)
     except Exception:  # a forward reference that cannot resolve: fall back to the raw annotations
         hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
 
 
-def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
+def config_default(method: str, name: str):
+    """The value a training key has when the recipe leaves it out: ours (METHOD_DEFAULTS), else TRL's."""
+    ours = {**TRAINING_DEFAULTS, **METHOD_DEFAULTS[method]}
+    if name in ours:
+        return ours[name]
+    config_field = next(f for f in dataclasses.fields(trl_config_class(method)) if f.name == name)
+    return config_field.default_factory() if config_field.default_factory is not dataclasses.MISSING else config_field.default
+
+
+def _validate_training(raw, ctx: _Context, method: str) -> dict[str, Any]:
     if raw is None:
         raw = {}
+    config_name = METHOD_CONFIGS[method][1]
     if not isinstance(raw, dict):
-        ctx.fail("training", f"must be a mapping of SFTConfig fields, got {raw!r}.")
-    known = sft_config_fields()
+        ctx.fail("training", f"must be a mapping of {config_name} fields, got {raw!r}.")
+    known = config_fields(method)
     for key, value in raw.items():
         if key in TRAINING_RESERVED:
             ctx.fail(f"training.{key}", f"is set by {TRAINING_RESERVED[key]}, not under training.")
         if key not in known:
+            others = [m for m in METHODS if key in config_fields(m)]
+            if others:
+                ctx.fail(
+                    f"training.{key}",
+                    f"is a field of TRL's {METHOD_CONFIGS[others[0]][1]} (method: {', '.join(others)}), not of "
+                    f"{config_name}, which method: {method} trains with. Set method: {others[0]} at the top of the "
+                    f"recipe, or remove training.{key}.",
+                )
             ctx.fail(
                 f"training.{key}",
-                f"is not a field of TRL's SFTConfig.{did_you_mean(key, known)} "
-                "Any SFTConfig field can be set here (learning_rate, num_train_epochs, max_steps, max_length, ...).",
+                f"is not a field of TRL's {config_name}.{did_you_mean(key, known)} "
+                f"Any {config_name} field can be set here (learning_rate, num_train_epochs, max_steps, max_length, ...).",
             )
         if value is not None and not _matches(value, known[key]):
             ctx.fail(f"training.{key}", f"must be {_type_name(known[key])}, got {value!r}.")
@@ -352,6 +407,8 @@ def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
         "per_device_train_batch_size": (1, True),
         "gradient_accumulation_steps": (1, True),
         "max_length": (1, True),
+        "num_generations": (2, True),  # GRPO compares completions within a prompt's group
+        "max_completion_length": (1, True),
     }
     for key, (low, inclusive) in numeric_minimums.items():
         value = raw.get(key)
@@ -365,7 +422,113 @@ def _validate_training(raw, ctx: _Context) -> dict[str, Any]:
     max_steps = raw.get("max_steps")
     if isinstance(max_steps, int) and max_steps == 0:
         ctx.fail("training.max_steps", "must be positive, or -1 to train for num_train_epochs.")
-    return {**TRAINING_DEFAULTS, **raw}
+    training = {**TRAINING_DEFAULTS, **METHOD_DEFAULTS[method], **raw}
+    if method == "grpo":
+        _check_generation_batch(training, ctx)
+    return training
+
+
+def _check_generation_batch(training: dict, ctx: _Context) -> None:
+    """GRPO generates num_generations completions for each prompt of a generation batch (TRL's rule, checked here so
+    the error names the key before the model loads)."""
+    groups = training["num_generations"]
+    batch = training.get("generation_batch_size") or training["per_device_train_batch_size"] * (
+        training.get("steps_per_generation") or training.get("gradient_accumulation_steps") or 1)
+    if batch % groups:
+        ctx.fail("training.num_generations", f"is {groups}, and a generation batch of {batch} completions "
+                 "(per_device_train_batch_size x steps_per_generation) holds whole groups only: make "
+                 "per_device_train_batch_size a multiple of num_generations.")
+
+
+def resolve_rewards(raw, ctx: _Context, method: str, base_dir: Path) -> list[str] | None:
+    """GRPO's reward functions: built-in names, and file.py:function entries resolved against the recipe's folder.
+
+    The user's file is parsed, not run, here: running it is training's business, and it says so.
+    """
+    if raw is None:
+        if method == "grpo":
+            ctx.fail("method", f"is grpo, which needs rewards: a top-level list of reward functions, built-in "
+                     f"({', '.join(BUILTIN_REWARDS)}) or your own as file.py:function, for example "
+                     "rewards: [exact_match, my_rewards.py:format_ok].")
+        return None
+    if method != "grpo":
+        ctx.fail("rewards", f"is for method: grpo, which scores generated completions; method: {method} learns from "
+                 "the data's answers. Remove it, or set method: grpo.")
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(r, str) and r.strip() for r in raw):
+        ctx.fail("rewards", f"must be a list of reward names or file.py:function entries, got {raw!r}.")
+    resolved = []
+    for entry in raw:
+        if ":" not in entry:
+            if entry not in BUILTIN_REWARDS:
+                ctx.fail("rewards", f"names '{entry}', which is not a built-in reward function.{did_you_mean(entry, BUILTIN_REWARDS)} "
+                         f"Built-in: {', '.join(BUILTIN_REWARDS)}; your own are written file.py:function.")
+            resolved.append(entry)
+            continue
+        file_name, function = entry.rsplit(":", 1)
+        path = Path(file_name).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file() or path.suffix != ".py":
+            ctx.fail("rewards", f"names '{entry}', but the Python file {path} does not exist (a file is looked up "
+                     "in the recipe's folder).")
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except SyntaxError as e:
+            ctx.fail("rewards", f"names '{entry}', but {path}, line {e.lineno}, is not valid Python: {e.msg}.")
+        defined = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        if function not in defined:
+            ctx.fail("rewards", f"names '{entry}', but {path} defines no function '{function}'."
+                     f"{did_you_mean(function, defined)} Its functions: {', '.join(defined) or 'none'}.")
+        resolved.append(f"{path.resolve()}:{function}")
+    return resolved
+
+
+# Recipe keys of the lora section, as PEFT's adapter_config.json names them: with model.adapter, they must agree.
+ADAPTER_CONFIG_KEYS = {"r": "r", "alpha": "lora_alpha", "use_dora": "use_dora", "use_rslora": "use_rslora",
+                       "bias": "bias"}
+
+
+def resolve_adapter(model: ModelSection, raw: dict, lora_raw, ctx: _Context, base_dir: Path) -> dict:
+    """model.adapter: the adapter folder (relative to the working directory, then the recipe), checked to be one;
+    returns its adapter_config.json. An adapter keeps its shape while it trains on, so lora keys the recipe sets
+    must agree with it."""
+    folder = next((c for c in (Path(model.adapter).expanduser(), base_dir / model.adapter) if c.exists()), None)
+    if folder is None:
+        ctx.fail("model.adapter", f"names the folder '{model.adapter}', which does not exist. Train that adapter "
+                 "first (for the demo: lora train configs/demo-smollm2.yaml).")
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        ctx.fail("model.adapter", f"names '{folder}', which is not an adapter folder: it has no adapter_config.json "
+                 "(lora train writes one when a run finishes).")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        ctx.fail("model.adapter", f"names '{folder}', whose adapter_config.json cannot be read: {e}.")
+    model.adapter = str(folder.resolve())
+    for key, peft_key in ADAPTER_CONFIG_KEYS.items():
+        if isinstance(lora_raw, dict) and key in lora_raw and lora_raw[key] != config.get(peft_key, lora_raw[key]):
+            ctx.fail(f"lora.{key}", f"is {lora_raw[key]!r}, but model.adapter '{model.adapter}' has "
+                     f"{key}={config.get(peft_key)!r}, and training continues that adapter as it is: remove "
+                     f"lora.{key} or set it to {config.get(peft_key)!r}.")
+    if "name_or_path" not in (raw.get("model") or {}):  # the base the adapter was trained on
+        saved = folder / "recipe.yaml"
+        saved_model = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model") if saved.is_file() else None
+        model.name_or_path = (saved_model or {}).get("name_or_path") or config.get("base_model_name_or_path") \
+            or model.name_or_path
+    return config
+
+
+def lora_from_adapter(lora: LoraSection, config: dict) -> LoraSection:
+    """The lora section of a run that continues an adapter: that adapter's own settings."""
+    targets = config.get("target_modules")
+    return dataclasses.replace(
+        lora, r=config.get("r", lora.r), alpha=config.get("lora_alpha", lora.alpha),
+        dropout=config.get("lora_dropout", lora.dropout),
+        target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets or lora.target_modules,
+        bias=config.get("bias", lora.bias), use_rslora=bool(config.get("use_rslora", lora.use_rslora)),
+        use_dora=bool(config.get("use_dora", lora.use_dora)),
+        modules_to_save=config.get("modules_to_save") or lora.modules_to_save)
 
 
 def resolve_data_path(value: str, base_dir: Path) -> str:
@@ -387,13 +550,18 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
     for key in raw:
         if key not in TOP_LEVEL:
             ctx.fail(str(key), f"is not a recipe section.{did_you_mean(key, TOP_LEVEL)} Sections: {', '.join(TOP_LEVEL)}.")
+    method = raw.get("method") or "sft"
+    _check_choice(ctx, "method", method, METHODS)
     model = _build_section("model", ModelSection, raw.get("model"), ctx)
     quant_raw = raw.get("quantization")
     quantization = _build_section("quantization", QuantizationSection, quant_raw, ctx) if quant_raw else None
     lora = _build_section("lora", LoraSection, raw.get("lora"), ctx)
     data = _build_section("data", DataSection, raw.get("data"), ctx)
     speed = _build_section("speed", SpeedSection, raw.get("speed"), ctx)
-    training = _validate_training(raw.get("training"), ctx)
+    training = _validate_training(raw.get("training"), ctx, method)
+    rewards = resolve_rewards(raw.get("rewards"), ctx, method, base_dir)
+    if model.adapter is not None:
+        lora = lora_from_adapter(lora, resolve_adapter(model, raw, raw.get("lora"), ctx, base_dir))
 
     _check_choice(ctx, "speed.attention_kernel", speed.attention_kernel, ATTENTION_KERNELS)
     if not model.name_or_path.strip():
@@ -461,8 +629,9 @@ def build_recipe(raw: dict, source: str = "recipe", lines: dict[str, int] | None
         training.setdefault("eval_steps", 0.1)  # a fraction of all steps: ten evaluations per run
 
     evaluation = _build_eval(raw.get("eval"), ctx, base_dir)
-    return Recipe(model=model, quantization=quantization, lora=lora, data=data, training=training,
-                  output_dir=output_dir, distributed=distributed, speed=speed, eval=evaluation, source=source)
+    return Recipe(method=method, model=model, quantization=quantization, lora=lora, data=data, training=training,
+                  output_dir=output_dir, distributed=distributed, speed=speed, rewards=rewards, eval=evaluation,
+                  source=source)
 
 
 def _build_eval(raw, ctx: _Context, base_dir: Path) -> EvalSection | None:

@@ -110,7 +110,28 @@ def drop_metrics_after(path: Path, step: int) -> None:
     write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def plot_losses(records: list[dict], out: Path) -> None:
+# What each method logs besides its loss (TRL's metric names), drawn under the loss in loss.png.
+METHOD_SIGNALS = {
+    "dpo": ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"),
+    "orpo": ("rewards/margins", "rewards/accuracies", "log_odds_ratio"),
+    "simpo": ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"),
+    "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl"),
+    "grpo": ("reward", "kl"),  # and reward per function: rewards/<name>/mean
+}
+
+
+def method_signals(records: list[dict], method: str) -> list[str]:
+    """The logged keys worth a curve for this method, in the order shown."""
+    if method not in METHOD_SIGNALS:
+        return []
+    logged = {key for record in records for key in record}
+    keys = [key for key in METHOD_SIGNALS[method] if key in logged]
+    if method == "grpo":
+        keys += sorted(key for key in logged if key.startswith("rewards/") and key.endswith("/mean"))
+    return keys
+
+
+def plot_losses(records: list[dict], out: Path, method: str = "sft") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +139,9 @@ def plot_losses(records: list[dict], out: Path) -> None:
 
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and _finite(r["loss"])]
     evaluation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    signals = method_signals(records, method)
+    fig, axes = plt.subplots(2 if signals else 1, 1, figsize=(7, 7 if signals else 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evaluation:
@@ -128,6 +151,16 @@ def plot_losses(records: list[dict], out: Path) -> None:
     ax.grid(alpha=0.3)
     if train or evaluation:
         ax.legend()
+    if signals:
+        ax = axes[1][0]
+        for key in signals:
+            points = [(r["step"], r[key]) for r in records if key in r and _finite(r[key])]
+            if points:
+                ax.plot(*zip(*points), label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{method} signals (train)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -152,6 +185,17 @@ def final_losses(records: list[dict]) -> dict:
     return {"train_loss": train[-1] if train else None, "eval_loss": evaluation[-1] if evaluation else None}
 
 
+def final_signals(records: list[dict], method: str) -> dict:
+    """The last logged value of each of the method's signals (and of their eval_ counterparts)."""
+    found = {}
+    for key in method_signals(records, method):
+        for name in (key, f"eval_{key}"):
+            values = [r[name] for r in records if name in r]
+            if values:
+                found[name] = values[-1]
+    return found
+
+
 def model_card(recipe, base_name: str, summary: dict, audit_report: dict) -> str:
     from lora_cli.export.vllm import recipe_readiness
 
@@ -161,10 +205,15 @@ def model_card(recipe, base_name: str, summary: dict, audit_report: dict) -> str
     targets = lora.target_modules if lora.target_modules else "PEFT's default for the architecture"
     losses = final_losses(summary.get("metrics", []))
     fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "n/a"
+    signals = "".join(f"| final {name} | {fmt(value)} |\n"
+                      for name, value in final_signals(summary.get("metrics", []), recipe.method).items())
+    chain = (f"`{base_name}` + `{recipe.model.adapter}` (the adapter this run continued) + this run's training"
+             if recipe.model.adapter else f"`{base_name}` + this adapter")
+    rewards = f"| rewards | {', '.join(r.rpartition('/')[2] for r in recipe.rewards)} |\n" if recipe.rewards else ""
     return f"""---
 base_model: {base_name}
 library_name: peft
-tags: [lora, {'qlora, ' if recipe.is_quantized else ''}sft, lora-cli]
+tags: [lora, {'qlora, ' if recipe.is_quantized else ''}{recipe.method}, lora-cli]
 ---
 
 # LoRA adapter for {base_name}
@@ -174,13 +223,15 @@ Trained with [lora](https://pypi.org/project/lora-cli/) (`lora train`) from the 
 | | |
 |---|---|
 | base model | `{base_name}` |
-| method | {quant}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''} |
+| training method | {recipe.method.upper()} (TRL) |
+| chain | {chain} |
+| adapter | {quant}, r={lora.r}, alpha={lora.alpha:g}, dropout={lora.dropout:g}{', DoRA' if lora.use_dora else ''}{', rsLoRA' if lora.use_rslora else ''} |
 | target modules | {targets} |
 | data | `{recipe.data.train}` ({audit_report['examples']['train']} train, {audit_report['examples']['eval']} eval examples, format {summary['data_format']}) |
 | steps | {summary['steps']} |
 | final train loss | {fmt(losses['train_loss'])} |
 | final eval loss | {fmt(losses['eval_loss'])} |
-| tokens/s | {summary['tokens_per_second']:,.0f} |
+{signals}{rewards}| tokens/s | {summary['tokens_per_second']:,.0f} |
 | vLLM | {recipe_readiness(lora).summary()} |
 
 ## Use it

@@ -1,7 +1,7 @@
-"""`lora train`: recipe -> data -> base model -> LoraConfig + SFTConfig -> TRL's SFTTrainer -> output folder.
+"""`lora train`: recipe -> data -> base model -> LoraConfig + the method's TRL config -> its TRL trainer -> output folder.
 
-Read top to bottom, `train()` is the whole run: the method's trainer (methods/), the GPU levers (speed/), the data
-audit, then training. The output folder gets its adapter only when the run has finished (outputs.py). A checkpoint
+Read top to bottom, `train()` is the whole run, for every method (sft, dpo, orpo, simpo, kto, grpo): the method's
+data, config and trainer (methods/), the GPU levers (speed/), the data audit, then training. The output folder gets its adapter only when the run has finished (outputs.py). A checkpoint
 counts only once it is complete, and --resume continues only the run that wrote it (checkpoints.py).
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 from accelerate import PartialState
 
-from lora_cli import data as data_mod
+from lora_cli import methods
 from lora_cli.adapters import lora_config
 from lora_cli.checkpoints import (
     CHECKPOINTS,
@@ -27,7 +27,6 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.evaluate.run import read_recipe_eval, run_recipe_eval
 from lora_cli.memory import format_memory_plan
-from lora_cli.methods.sft import build_trainer, sft_config
 from lora_cli.models import hide_library_notices, load_base_for_recipe, pick_dtype
 from lora_cli.outputs import finish, write_json
 from lora_cli.reporting import drop_metrics_after
@@ -47,36 +46,38 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
     quiet_libraries()
     out = Path(recipe.output_dir)
     check_output_dir(out, resume, overwrite, dry_run)
-    train_records, eval_records, fmt = data_mod.load_data(recipe.data)
+    method = methods.steps(recipe.method)
+    train_records, eval_records, fmt = method.load_data(recipe)
     eval_inputs = read_recipe_eval(recipe.eval) if recipe.eval else None  # its files checked before training
 
     if recipe.distributed == "fsdp" and recipe.quantization and not recipe.quantization.bnb_4bit_quant_storage:
         # FSDP shards flat parameters of one dtype: 4-bit weights stored as the compute dtype can be sharded.
         recipe.quantization.bnb_4bit_quant_storage = str(pick_dtype(recipe.model.dtype)).removeprefix("torch.")
     memory = check_memory_before_loading(recipe)  # refuses here what would exhaust host or GPU memory
-    model, tokenizer, model_path = load_base_for_recipe(recipe)
+    model, tokenizer, model_path = load_base_for_recipe(recipe)  # with model.adapter attached, to keep training
     check_trainable(model)
-    prepared = data_mod.prepare_for_trl(train_records, eval_records, fmt, tokenizer, recipe.data, recipe.training["seed"])
-    peft_config = lora_config(recipe.lora, model)
-    args = sft_config(recipe, out, prepared.assistant_only_loss, model)
+    prepared = method.prepare(train_records, eval_records, fmt, tokenizer, recipe)
+    peft_config = None if recipe.model.adapter else lora_config(recipe.lora, model)
+    args = method.trl_config(recipe, out, prepared, model)
     completion = CompleteCheckpoints(run_identity(recipe, train_records, eval_records), args)  # kill -9 safe saves
     out_existed = out.exists()
     process = PartialState()  # one process, or one of several under accelerate: only the main one writes
     try:
-        trainer = build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks])
+        trainer = method.build_trainer(model, tokenizer, args, prepared, peft_config, out, [completion, *callbacks],
+                                       recipe)
         kernels = use_own_kernels(trainer, recipe, memory)
-        trim_step_overhead(trainer)
-        report = data_mod.audit(trainer, prepared.train, args.max_length)
-        report["chat_template_note"] = prepared.chat_template_note
-        report["format"] = fmt
+        trim_step_overhead(trainer, recipe.method)
+        report = method.audit(trainer, prepared, args)
         if process.is_main_process:
-            print(data_mod.format_audit(report), flush=True)
-        data_mod.check_audit(report)
+            print(method.format_audit(report), flush=True)
+        method.check_audit(report)
         attach_trackers(trainer, recipe, report, out)
         if process.is_main_process:
+            print(f"method: {method_line(recipe)}", flush=True)
             print_trainable(trainer.model)
             print(f"precision and speed: bf16={args.bf16} fp16={args.fp16} gradient_checkpointing="
-                  f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} packing={args.packing} {kernels}")
+                  f"{args.gradient_checkpointing} use_liger_kernel={args.use_liger_kernel} "
+                  f"packing={getattr(args, 'packing', False)} {kernels}")
             print(memory_plan_text(recipe, args, trainer.model), flush=True)
     finally:
         if process.is_main_process and (dry_run or not out_existed):
@@ -109,6 +110,19 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         del trainer, model  # lora eval loads the adapter from the output folder, as a user's `lora eval` would
         summary["eval"] = run_recipe_eval(recipe.eval, eval_inputs, out)
     return summary
+
+
+def method_line(recipe) -> str:
+    """What trains, against what: the line printed before training."""
+    reference = {"dpo": True, "kto": True, "grpo": recipe.training.get("beta", 0) != 0}.get(recipe.method, False)
+    start = f"continues the adapter {recipe.model.adapter}" if recipe.model.adapter else "a new adapter"
+    line = f"{recipe.method}, {start}"
+    if reference:
+        line += (", against that adapter as loaded (frozen) as the reference" if recipe.model.adapter
+                 else ", against the base (the adapter disabled) as the reference")
+    if recipe.method in ("orpo", "simpo"):
+        line += f" (no reference model; TRL's experimental {'ORPOTrainer' if recipe.method == 'orpo' else 'CPOTrainer'})"
+    return line
 
 
 def quiet_libraries() -> None:

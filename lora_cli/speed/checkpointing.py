@@ -12,6 +12,7 @@ against transformers' checkpointing.
 """
 
 import torch
+import torch.utils.checkpoint
 
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
 from lora_cli.speed.offloaded_attention import host_bytes, install_saver
@@ -218,13 +219,36 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
         return checkpoint
 
     lean = lean_recompute and lean_recompute_supported(model)
-    count = 0
+    installed = {}
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             saver = install_saver(module, offloader.stream, offload_attention, accumulate_stream)
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool, saver) if pool else None,
                                                                   saver)
+            installed[module] = module._gradient_checkpointing_func
             mark_unread_in_recompute(module, lean)
-            count += 1
-    offloader.layers = count
-    return count, pool
+    offloader.layers = len(installed)
+    keep_through_reenabling(model, installed)
+    return len(installed), pool
+
+
+def keep_through_reenabling(model, installed: dict) -> None:
+    """TRL's DPO, KTO and GRPO trainers turn checkpointing off around every reference or generation pass and on
+    again (trl.models.utils.disable_gradient_checkpointing), and turning it on sets transformers' checkpoint function
+    on every layer: from the second step on, the layers would checkpoint without this module. So the model's
+    switch gives each layer its installed function back whenever it turns checkpointing on."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._offloaded_checkpoint_functions = installed  # the newest installation (a later call replaces it)
+    if getattr(base, "_set_gradient_checkpointing_unkept", None) is not None:
+        return
+    base._set_gradient_checkpointing_unkept = base._set_gradient_checkpointing
+
+    def set_gradient_checkpointing(enable=True, gradient_checkpointing_func=torch.utils.checkpoint.checkpoint,
+                                   every_n_layers=1):
+        base._set_gradient_checkpointing_unkept(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func,
+                                                every_n_layers=every_n_layers)
+        if enable:
+            for module, function in base._offloaded_checkpoint_functions.items():
+                module._gradient_checkpointing_func = function
+
+    base._set_gradient_checkpointing = set_gradient_checkpointing

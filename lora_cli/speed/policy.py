@@ -25,7 +25,8 @@ from accelerate import PartialState
 from lora_cli.adapters import lora_parameter_count
 from lora_cli.errors import LoraError
 from lora_cli.memory import (GIB, Offloading, attention_offloadable, layout_and_trained, lora_train_plan,
-                             memory_plan, mlp_intermediate_bytes, plan_for_layout, tiled_mlp_pays)
+                             memory_plan, method_step, mlp_intermediate_bytes, plan_for_layout, recipe_value,
+                             tiled_mlp_pays)
 
 LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                      "granite", "olmo2", "glm4"}
@@ -60,7 +61,8 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     if recipe.lora.target_modules is None or "gradient_checkpointing" in training:
         return defaults
     lora = recipe.lora
-    seq_len, batch_size = training.get("max_length") or 1024, training.get("per_device_train_batch_size", 8)
+    defaults = recipe_value(recipe)
+    batch_size, seq_len, _ = method_step(recipe.method, lambda name: training.get(name) or defaults(name))
     plan = memory_plan(model.config, lora_parameter_count(model, lora), seq_len, batch_size, lora.target_modules,
                        lora.r, lora.dropout, lora.use_dora)
     available = available_gpu_bytes()
@@ -93,8 +95,10 @@ def step_memory_plan(peft_model, recipe, args) -> dict:
     """lora inspect-params' memory plan for the step these training arguments set up, with the exact adapter size."""
     trainable, _ = peft_model.get_nb_trainable_parameters()
     lora = recipe.lora
-    return memory_plan(peft_model.get_base_model().config, trainable, args.max_length or 1024,
-                       args.per_device_train_batch_size, lora.target_modules, lora.r, lora.dropout, lora.use_dora)
+    batch_size, seq_len, step = method_step(recipe.method, lambda name: getattr(args, name, None))
+    plan = memory_plan(peft_model.get_base_model().config, trainable, seq_len, batch_size, lora.target_modules,
+                       lora.r, lora.dropout, lora.use_dora)
+    return {**plan, "step": step}
 
 
 def graphs_fit(peft_model, recipe, args) -> bool:

@@ -26,16 +26,20 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
 
     memory: policy.check_memory_before_loading's choice of the memory levers (host memory), None for all the
     recipe allows. Fused layers and offloading not under FSDP: it shards parameters between module calls, and both
-    levers read weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights.
+    levers read weights and rerun layers outside the calls its hooks wrap. Varlen attention holds no weights. For the
+    methods beyond SFT, off_for_method says which levers do not apply and why; the line says so.
     """
     args = trainer.args
-    packed = getattr(trainer, "padding_free", args.padding_free)  # TRL's bfd packing is padding-free
+    method = recipe.method
+    # TRL's bfd packing is padding-free; the preference and RL trainers pack nothing.
+    packed = method == "sft" and getattr(trainer, "padding_free", args.padding_free)
     varlen = recipe.speed.varlen_attention and packed and varlen_available() and use_varlen_attention(trainer.model)
     kernel = use_attention_kernel(trainer.model, recipe.speed.attention_kernel) and recipe.speed.attention_kernel
     attention_line = f" attention_kernel={kernel}" if kernel else ""
     if trainer.is_fsdp_enabled:
         return f"fused_lora=off offload_activations=off (FSDP) varlen_attention={'on' if varlen else 'off'}{attention_line}"
     architecture = off_reasons(trainer.model)
+    off = off_for_method(method)
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in architecture else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
     if mlps:
@@ -52,6 +56,7 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
     # Not with tiles, whose backward runs a backward of its own.
     graphs = (offload and recipe.speed.cuda_graphs and not tiles and "cuda_graphs" not in architecture
+              and "cuda_graphs" not in off
               and (not packed or (args.packing and args.max_length)) and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
     if graphs and packed:
         trainer.data_collator = FixedShapePackedBatches(
@@ -61,12 +66,13 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
                  if offload and recipe.speed.offload_attention and (chosen is None or chosen.attention) else 0)
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers))
-    fused_loss = recipe.speed.fused_loss and fused_loss_supported(trainer)
+    fused_loss = recipe.speed.fused_loss and "fused_loss" not in off and fused_loss_supported(trainer)
     if fused_loss:
         use_fused_loss(trainer)
     # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
     embedding = (offloadable_embedding(trainer.model) if recipe.speed.offload_embeddings and offload and mlps
-                 and recipe.is_quantized and args.world_size == 1 and not trainer.is_deepspeed_enabled else None)
+                 and "offload_embeddings" not in off and recipe.is_quantized and args.world_size == 1
+                 and not trainer.is_deepspeed_enabled else None)
     if embedding is not None:
         trainer.add_callback(OffloadEmbedding(embedding))
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
@@ -74,15 +80,35 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
             f" lean_recompute={'on' if lean else 'off'}"
             f" offload_attention={'on' if attention else 'off'} ({attention}){why(reasons, 'offload_attention')}"
             f" tiled_mlp={'on' if tiles else 'off'}{why(reasons, 'tiled_mlp', tiles)}"
-            f" cuda_graphs={'on' if graphs else 'off'} varlen_attention={'on' if varlen else 'off'}"
-            f" fused_loss={'on' if fused_loss else 'off'}"
-            f" offload_embeddings={'on' if embedding is not None else 'off'}{attention_line}"
+            f" cuda_graphs={'on' if graphs else 'off'}{for_method(off, method, 'cuda_graphs', recipe.speed)}"
+            f" varlen_attention={'on' if varlen else 'off'}{for_method(off, method, 'varlen_attention', recipe.speed)}"
+            f" fused_loss={'on' if fused_loss else 'off'}{for_method(off, method, 'fused_loss', recipe.speed)}"
+            f" offload_embeddings={'on' if embedding is not None else 'off'}"
+            f"{for_method(off, method, 'offload_embeddings', recipe.speed)}{attention_line}"
             + because(architecture, recipe.speed))
 
 
 def why(reasons: dict, lever: str, on=True) -> str:
     """The policy's reason for a lever's state, where it gave one and the lever is in that state."""
     return f" ({reasons[lever]})" if lever in reasons and on else ""
+
+
+def for_method(off: dict[str, str], method: str, lever: str, speed) -> str:
+    """Why a lever the recipe allows is off for this training method, where it is."""
+    return f" ({method}: {off[lever]})" if lever in off and getattr(speed, lever) else ""
+
+
+def off_for_method(method: str) -> dict[str, str]:
+    """The levers that do not apply to a method's trainer, with the reason the lever line gives."""
+    if method == "sft":
+        return {}
+    off = {"varlen_attention": "its trainer does not pack rows",
+           "fused_loss": "its loss is not SFT's token cross-entropy; TRL's chunked log-prob head scores the completions "
+                         "without materialising the logits"}
+    if method == "grpo":
+        off["cuda_graphs"] = "completions of a new length every step would capture a graph per shape"
+        off["offload_embeddings"] = "generation reads the embedding at every token"
+    return off
 
 
 def because(reasons: dict[str, str], speed) -> str:

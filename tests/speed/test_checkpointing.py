@@ -84,3 +84,23 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     kept = 2 if quantized and fused_mlp else 0
     assert full_weights == (3 * 7 - kept) * config.num_hidden_layers
     assert full_weights - lean_weights == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_offloaded_checkpointing_survives_trls_reference_passes(tiny_llama, device):
+    """TRL's DPO, KTO and GRPO trainers turn checkpointing off and on around every reference or generation pass
+    (trl.models.utils.disable_gradient_checkpointing); the offloaded functions must still be the layers' afterwards,
+    and the step after it must still match transformers' checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from trl.models.utils import disable_gradient_checkpointing
+
+    model = peft_model(tiny_llama, device)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    installed = [layer._gradient_checkpointing_func for layer in layers]
+    with torch.no_grad(), disable_gradient_checkpointing(model, {"use_reentrant": False}):
+        assert not any(layer.gradient_checkpointing for layer in layers)
+    assert [layer._gradient_checkpointing_func for layer in layers] == installed
+    assert_same(reference, loss_and_grads(model, device), 1e-5)
