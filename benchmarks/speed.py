@@ -444,7 +444,7 @@ def run_lora(mode: str, arch: str) -> dict:
 
     data_kind = data_kind_of(mode)
     training = training_settings(data_kind)
-    if data_kind != "fixed":
+    if data_kind in ("varied", "documents"):
         training.update(per_device_train_batch_size=BATCH, packing=True)  # packed rows of SEQ tokens, padding-free
     raw = {
         "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
