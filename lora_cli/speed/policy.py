@@ -61,8 +61,8 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     if recipe.lora.target_modules is None or "gradient_checkpointing" in training:
         return defaults
     lora = recipe.lora
-    defaults = recipe_value(recipe)
-    batch_size, seq_len, _ = method_step(recipe.method, lambda name: training.get(name) or defaults(name))
+    recipe_or_default = recipe_value(recipe)
+    batch_size, seq_len, _ = method_step(recipe.method, lambda name: training.get(name) or recipe_or_default(name))
     plan = memory_plan(model.config, lora_parameter_count(model, lora), seq_len, batch_size, lora.target_modules,
                        lora.r, lora.dropout, lora.use_dora)
     available = available_gpu_bytes()
