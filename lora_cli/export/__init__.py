@@ -79,10 +79,10 @@ class Source:
 
 
 def _source(target: str, base: str | None, fmt: str) -> Source:
-    from lora_cli.generate import _target_kind
+    from lora_cli.generate import target_kind
     from lora_cli.models import resolve_model_path
 
-    kind = _target_kind(target)
+    kind = target_kind(target)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(target.rstrip("/")).name) or "model"
     if kind == "adapter":
         return Source(target, stem, kind, Path(target).expanduser(), base)

@@ -28,12 +28,12 @@ class Registry:
         self.lock = threading.Lock()
 
     def load(self, targets: list[str], load_in_4bit: bool = False, progress=lambda message: None) -> None:
-        from lora_cli.generate import _target_kind, load_target
+        from lora_cli.generate import target_kind, load_target
         from lora_cli.models import read_adapter, resolve_model_path
 
         bases: dict[str, object] = {}  # resolved base path -> the Target holding its PeftModel
         for target in targets:
-            if _target_kind(target) != "adapter":
+            if target_kind(target) != "adapter":
                 progress(f"Loading {target} ...")
                 self._add(Path(target).name if Path(target).is_dir() else target, load_target(target, None,
                           load_in_4bit), None, "model")
