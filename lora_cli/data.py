@@ -215,12 +215,12 @@ def to_trl_records(rows: Rows, fmt: str, field: str) -> list[dict]:
             instruction, extra = str(record["instruction"]), str(record.get("input") or "")
             user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": str(record["output"])}]
-            out.append({"messages": _check_messages(messages, where)})
+            out.append({"messages": check_messages(messages, where)})
         elif fmt == "prompt_completion":
             prompt, completion = record["prompt"], record["completion"]
             if isinstance(prompt, list) and isinstance(completion, list):
-                out.append({"prompt": _check_messages(prompt, where, need_assistant=False),
-                            "completion": _check_messages(completion, where)})
+                out.append({"prompt": check_messages(prompt, where, need_assistant=False),
+                            "completion": check_messages(completion, where)})
             elif isinstance(prompt, str) and isinstance(completion, str):
                 if not completion.strip():
                     raise LoraError(f"{where}: the completion is empty, so there is nothing to train on.")
@@ -244,14 +244,14 @@ def _check_conversation(messages, where: str) -> list[dict]:
     """A whole conversation: its messages, and something before its last assistant message for that to answer
     (TRL's prompt-completion path, which conversations take when the chat template cannot mask every turn, fails on
     an empty prompt with an IndexError)."""
-    clean = _check_messages(messages, where)
+    clean = check_messages(messages, where)
     if max(i for i, m in enumerate(clean) if m["role"] == "assistant") == 0:
         raise LoraError(f"{where}: the conversation's only assistant message comes first, with nothing before it to "
                         "answer; check that the user and assistant roles are not swapped.")
     return clean
 
 
-def _check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:
+def check_messages(messages, where: str, need_assistant: bool = True) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise LoraError(f"{where}: messages must be a non-empty list of {{role, content}} objects.")
     clean = []
@@ -291,19 +291,25 @@ def load_data(data_section) -> tuple[list[dict], list[dict] | None, str]:
     return train, evaluation, fmt
 
 
+def attach_chat_template(tokenizer, data_section, conversational: bool) -> tuple[str, str]:
+    """data.chat_template, or lora's simple template for conversations and a tokenizer without one; returns the
+    audit's note and the name errors give the template by."""
+    if data_section.chat_template:
+        tokenizer.chat_template = _read_template(data_section.chat_template)
+        return "chat template: from data.chat_template", "data.chat_template"
+    if conversational and not tokenizer.chat_template:
+        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+        return ("chat template: the tokenizer has none, so lora's simple '### User:/### Assistant:' template is used",
+                "lora's simple chat template")
+    return "", "the model's chat template (model.name_or_path)"
+
+
 def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) -> PreparedData:
     """Attach a chat template, choose how the loss is masked, and build the datasets TRL takes."""
     import datasets
 
-    note, source = "", "the model's chat template (model.name_or_path)"
     conversational = "messages" in train[0] or isinstance(train[0].get("prompt"), list)
-    if data_section.chat_template:
-        tokenizer.chat_template = _read_template(data_section.chat_template)
-        note, source = "chat template: from data.chat_template", "data.chat_template"
-    elif conversational and not tokenizer.chat_template:
-        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
-        note = "chat template: the tokenizer has none, so lora's simple '### User:/### Assistant:' template is used"
-        source = "lora's simple chat template"
+    note, source = attach_chat_template(tokenizer, data_section, conversational)
 
     assistant_only = False
     if "messages" in train[0]:

@@ -137,9 +137,7 @@ def merge_adapter(
         if verify:
             progress("Verifying the written model against the unmerged adapter ...")
             _check_parity(result, staging, probes, reference)
-        result.files = sorted(p.name for p in staging.iterdir())
-        result.size_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        publish(staging, out)
+        result.files, result.size_bytes = publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -311,12 +309,16 @@ def _write(model, tokenizer, folder: Path) -> None:
         raise
 
 
-def publish(staging: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old OUT_DIR (--force) goes only once the new one is there."""
+def publish(staging: Path, out: Path) -> tuple[list[str], int]:
+    """Rename the finished folder into place; an old OUT_DIR (--force) goes only once the new one is there.
+    Returns its file names and their bytes."""
+    files = sorted(p.name for p in staging.iterdir())
+    size = sum(p.stat().st_size for p in staging.iterdir())
     if not out.exists():
         staging.rename(out)
-        return
+        return files, size
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     out.rename(old)
     staging.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+    return files, size

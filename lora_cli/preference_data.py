@@ -18,7 +18,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from lora_cli.data import SIMPLE_CHAT_TEMPLATE, Rows, _check_messages, _read_template, read_rows
+from lora_cli.data import Rows, check_messages, attach_chat_template, read_rows
 from lora_cli.errors import LoraError
 
 PAIR_METHODS = ("dpo", "orpo", "simpo")
@@ -105,8 +105,8 @@ def _pair(record: dict, where: str) -> dict:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
             raise LoraError(f"{where}: without a 'prompt' column, 'chosen' and 'rejected' must be conversations "
                             "(message lists) that start with the same prompt turns.")
-        chosen = _check_messages(chosen, where)
-        rejected = _check_messages(rejected, where)
+        chosen = check_messages(chosen, where)
+        rejected = check_messages(rejected, where)
         split = extract_prompt({"chosen": chosen, "rejected": rejected})
         if not split["prompt"]:
             raise LoraError(f"{where}: 'chosen' and 'rejected' share no first message, so there is no prompt to "
@@ -124,7 +124,7 @@ def _prompt(record: dict, where: str):
     if isinstance(prompt, str) and prompt.strip():
         return prompt
     if isinstance(prompt, list):
-        messages = _check_messages(prompt, where, need_assistant=False)
+        messages = check_messages(prompt, where, need_assistant=False)
         if messages[-1]["role"] == "assistant":
             raise LoraError(f"{where}: the prompt ends with an assistant message; it must end with the turn to answer.")
         return messages
@@ -136,7 +136,7 @@ def _completion(record: dict, column: str, where: str):
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, list) and value:
-        return _check_messages(value, where)
+        return check_messages(value, where)
     raise LoraError(f"{where}: '{column}' must be a non-empty string or a list of assistant messages, got {value!r:.80}.")
 
 
@@ -168,15 +168,7 @@ def prepare(train, evaluation, fmt: str, tokenizer, data_section, seed: int) -> 
     """Attach a chat template where conversational data needs one, and build the datasets TRL takes."""
     import datasets
 
-    note, source = "", "the model's chat template (model.name_or_path)"
-    conversational = isinstance(train[0]["prompt"], list)
-    if data_section.chat_template:
-        tokenizer.chat_template = _read_template(data_section.chat_template)
-        note, source = "chat template: from data.chat_template", "data.chat_template"
-    elif conversational and not tokenizer.chat_template:
-        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
-        note = "chat template: the tokenizer has none, so lora's simple '### User:/### Assistant:' template is used"
-        source = "lora's simple chat template"
+    note, source = attach_chat_template(tokenizer, data_section, isinstance(train[0]["prompt"], list))
     train_set = datasets.Dataset.from_list(train)
     eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
     if isinstance(data_section.eval, float):

@@ -61,9 +61,7 @@ def export(target: str, out_dir, fmt: str = "gguf", quant: str | None = None, ol
             result = export_gguf_lora(source, out, staging, quant or "f16", verify, progress)
         else:
             result = _export_gguf(source, out, staging, quant or "f16", ollama, verify, progress)
-        result.files = sorted(p.name for p in staging.iterdir())
-        result.size_bytes = sum(p.stat().st_size for p in staging.iterdir())
-        publish(staging, out)
+        result.files, result.size_bytes = publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
