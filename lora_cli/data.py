@@ -306,8 +306,6 @@ def attach_chat_template(tokenizer, data_section, conversational: bool) -> tuple
 
 def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) -> PreparedData:
     """Attach a chat template, choose how the loss is masked, and build the datasets TRL takes."""
-    import datasets
-
     conversational = "messages" in train[0] or isinstance(train[0].get("prompt"), list)
     note, source = attach_chat_template(tokenizer, data_section, conversational)
 
@@ -323,6 +321,14 @@ def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) 
                 "for per-turn masking)"
             )
 
+    train_set, eval_set = to_datasets(train, evaluation, data_section, seed)
+    return PreparedData(train_set, eval_set, fmt, assistant_only, note, source)
+
+
+def to_datasets(train, evaluation, data_section, seed: int):
+    """The train and eval datasets TRL takes; a data.eval fraction is held out of train."""
+    import datasets
+
     train_set = datasets.Dataset.from_list(train)
     eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
     if isinstance(data_section.eval, float):
@@ -330,7 +336,7 @@ def prepare_for_trl(train, evaluation, fmt, tokenizer, data_section, seed: int) 
         if len(split["test"]) == 0 or len(split["train"]) == 0:
             raise LoraError(f"data.eval: holding out {data_section.eval} of {len(train_set)} examples leaves a split empty.")
         train_set, eval_set = split["train"], split["test"]
-    return PreparedData(train_set, eval_set, fmt, assistant_only, note, source)
+    return train_set, eval_set
 
 
 def _read_template(value: str) -> str:

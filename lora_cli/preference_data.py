@@ -18,7 +18,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from lora_cli.data import Rows, check_messages, attach_chat_template, read_rows
+from lora_cli.data import Rows, attach_chat_template, check_messages, read_rows, to_datasets
 from lora_cli.errors import LoraError
 
 PAIR_METHODS = ("dpo", "orpo", "simpo")
@@ -166,16 +166,8 @@ class PreparedData:
 
 def prepare(train, evaluation, fmt: str, tokenizer, data_section, seed: int) -> PreparedData:
     """Attach a chat template where conversational data needs one, and build the datasets TRL takes."""
-    import datasets
-
     note, source = attach_chat_template(tokenizer, data_section, isinstance(train[0]["prompt"], list))
-    train_set = datasets.Dataset.from_list(train)
-    eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
-    if isinstance(data_section.eval, float):
-        split = train_set.train_test_split(test_size=data_section.eval, seed=seed)
-        if len(split["test"]) == 0 or len(split["train"]) == 0:
-            raise LoraError(f"data.eval: holding out {data_section.eval} of {len(train_set)} examples leaves a split empty.")
-        train_set, eval_set = split["train"], split["test"]
+    train_set, eval_set = to_datasets(train, evaluation, data_section, seed)
     return PreparedData(train_set, eval_set, fmt, note, source)
 
 
