@@ -78,16 +78,9 @@ def lora_parameter_count(model, lora_section) -> int:
         _, layers = language_layers(model)
         for path in expert_parameters(model):
             for layer in layers:
-                param = layer.get_parameter(path) if _has_parameter(layer, path) else None
-                if param is not None:
-                    experts, rows, columns = param.shape
-                    total += lora_section.r * experts * (rows + columns)
+                try:
+                    experts, rows, columns = layer.get_parameter(path).shape
+                except AttributeError:  # a layer without this expert weight (dense layers of a partly-MoE model)
+                    continue
+                total += lora_section.r * experts * (rows + columns)
     return total
-
-
-def _has_parameter(module, path: str) -> bool:
-    try:
-        module.get_parameter(path)
-    except AttributeError:
-        return False
-    return True
