@@ -52,7 +52,8 @@ def main() -> None:
     import torch
 
     device = str(target.model.device)
-    print(json.dumps({"target": args.target, "device": device, "threads": torch.get_num_threads(), "questions": len(questions),
+    print(json.dumps({"target": args.target, "device": device, "threads": torch.get_num_threads(),
+                      "questions": len(questions),
                       "same_answers_at_every_batch_size": same}))
 
 

@@ -115,7 +115,7 @@ class Target:
 
 
 def load_target(target: str, base: str | None = None, load_in_4bit: bool = False) -> Target:
-    """An adapter folder (with its base), a model folder, a hub id or the embedded model, ready to generate."""
+    """An adapter folder (with its base), a model folder, a hub id, a GGUF file or the embedded model, ready to use."""
     kind = target_kind(target)
     is_adapter = kind == "adapter"
     if base and not is_adapter:
@@ -163,7 +163,8 @@ def target_kind(target: str) -> str:
     if path.is_file() and path.suffix.lower() == ".gguf":
         return "gguf"
     if path.exists():
-        raise LoraError(f"TARGET '{target}' is a file; give an adapter folder, a model folder, a .gguf file or a hub id.")
+        raise LoraError(f"TARGET '{target}' is a file; give an adapter folder, a model folder, a .gguf file or a hub "
+                        "id.")
     if looks_like_path(target) or target.count("/") > 1:
         raise LoraError(f"TARGET: the folder '{target}' does not exist.")
     return "model"  # a hub id
@@ -298,7 +299,8 @@ def complete_batch(target: Target, prompts: list[Prompt], encoded: list[list[int
         new = row if stop is None else row[: stop + 1]  # after its stop token a finished row holds padding
         text = target.tokenizer.decode(new, skip_special_tokens=True).strip()
         finish = "stop" if stop is not None else "length"
-        results.append(Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish))
+        results.append(Completion(prompt, text, prompt_tokens=len(ids), completion_tokens=len(new),
+                                  finish_reason=finish))
     return results
 
 

@@ -46,7 +46,8 @@ def report_to_problem(report_to) -> str | None:
 
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
-            return (f"names '{name}', which is not a tracker transformers reports to.{did_you_mean(name, INTEGRATION_TO_CALLBACK)} "
+            hint = did_you_mean(name, INTEGRATION_TO_CALLBACK)
+            return (f"names '{name}', which is not a tracker transformers reports to.{hint} "
                     f"Trackers: {', '.join(INTEGRATION_TO_CALLBACK)} (or none).")
         if not any(_installed(module) for module in MODULES.get(name, (name,))):
             install = INSTALL.get(name, f"pip install {MODULES.get(name, (name,))[0]}")
