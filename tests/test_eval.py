@@ -193,10 +193,11 @@ def test_chained_adapter_shows_its_starting_adapter(tiny_llama, files, tmp_path,
     assert "start adapter" in table.splitlines()[1] and "base" in table.splitlines()[1]
 
 
-def test_gguf_target_is_the_embedded_model(files, embedded_dir, capsys):
+def test_gguf_target_is_the_embedded_model(files, embedded_dir, tmp_path, capsys):
     from lora_cli.embedded import gguf_path
 
-    args = ["--data", files["train"], "--answers", files["checks"], "--max-new-tokens", "8", "--json"]
+    data, checks = write_jsonl(tmp_path / "d.jsonl", PIRATE[:3]), write_jsonl(tmp_path / "c.jsonl", CHECKS[:3])
+    args = ["--data", data, "--answers", checks, "--max-new-tokens", "8", "--json"]
     from_gguf = report_of(run_cli(["eval", gguf_path(), *args], capsys))["target"]
     embedded = report_of(run_cli(["eval", "smollm2-135m-instruct", *args], capsys))["target"]
     assert from_gguf["loss"] == pytest.approx(embedded["loss"], rel=1e-4)  # the same weights, dequantized either way

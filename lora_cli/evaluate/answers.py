@@ -70,7 +70,8 @@ def read_answers(path, default_match: str = DEFAULT_MATCH, field: str = "--answe
         prompt = prompt_from_row({k: v for k, v in row.items() if k in ("prompt", "messages")}, where)
         match = check_match_mode(row.get("match", default_match), f"{where}, 'match'")
         choices = row.get("choices")
-        if choices is not None and not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+        if choices is not None and not (isinstance(choices, list) and choices
+                                        and all(isinstance(c, str) for c in choices)):
             raise LoraError(f"{where}: 'choices' must be a non-empty list of option texts (option A first).")
         expected = _expected(row["answer"], match, choices, where)
         questions.append(Question(prompt, row["answer"], expected, match, line, choices))
@@ -98,7 +99,8 @@ def _rows(text: str, path: Path, field: str) -> list[tuple[int, object]]:
 def _expected(answer, match: str, choices, where: str) -> list:
     values = answer if isinstance(answer, list) else [answer]
     if not values or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in values):
-        raise LoraError(f"{where}: 'answer' must be a string, a number or a list of them (any one counts); got {answer!r}.")
+        raise LoraError(f"{where}: 'answer' must be a string, a number or a list of them (any one counts); "
+                        f"got {answer!r}.")
     if match == "number":
         return [_number(v, where) for v in values]
     if match == "regex":

@@ -28,7 +28,8 @@ def load_tasks(names: list[str]) -> dict:
     try:
         import lm_eval.tasks  # noqa: F401 (installed?)
     except ImportError:
-        raise LoraError(f"--tasks runs lm-evaluation-harness, which is not installed. Install it with: {INSTALL}") from None
+        raise LoraError(
+            f"--tasks runs lm-evaluation-harness, which is not installed. Install it with: {INSTALL}") from None
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on default metric settings, for every task
 
     paths = [name for name in names if name.endswith((".yaml", ".yml"))]

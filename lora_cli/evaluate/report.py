@@ -84,7 +84,8 @@ def _answer_lines(report: dict) -> list[str]:
             for row in changes[kind][:SHOWN_ROWS]:
                 lines += [f"  {kind} (line {row['line']}): {_short(row['prompt'])}  expected ({row['match']}): "
                           f"{_short(str(row['expected']))}",
-                          f"      {TITLES[reference]}: {_short(row[reference])}", f"      target: {_short(row['target'])}"]
+                          f"      {TITLES[reference]}: {_short(row[reference])}",
+                          f"      target: {_short(row['target'])}"]
             lines += _more(len(changes[kind]))
     if "base" not in report and "answers" in report["target"]:
         wrong = [row for row in report["target"]["answers"] if not row["correct"]]
@@ -97,7 +98,9 @@ def _answer_lines(report: dict) -> list[str]:
 
 
 def _more(count: int) -> list[str]:
-    return [f"  ... and {count - SHOWN_ROWS} more (--json or --output lists every answer)"] if count > SHOWN_ROWS else []
+    if count <= SHOWN_ROWS:
+        return []
+    return [f"  ... and {count - SHOWN_ROWS} more (--json or --output lists every answer)"]
 
 
 def _short(text: str, limit: int = 100) -> str:
@@ -115,7 +118,8 @@ def model_card_section(report: dict) -> str:
     table = "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
     inputs = ", ".join(f"{key} `{value}`" for key, value in report["inputs"].items()
                        if key in ("data", "answers") and value) or "lm-evaluation-harness tasks"
-    return f"## Evaluation\n\nMeasured by `lora eval` at the end of training ({inputs}); every answer is in `eval.json`.\n\n{table}\n"
+    return (f"## Evaluation\n\nMeasured by `lora eval` at the end of training ({inputs}); every answer is in "
+            f"`eval.json`.\n\n{table}\n")
 
 
 def add_to_model_card(card: Path, report: dict) -> None:

@@ -89,6 +89,7 @@ def starting_adapter(folder: Path) -> str | None:
 
 def evaluate(target: str, request: EvalRequest, inputs: Inputs | None = None) -> dict:
     """The report: each side's metrics under 'target', 'base' and, for chained adapters, 'start'."""
+    from lora_cli.evaluate.report import add_changes
     from lora_cli.generate import target_kind
 
     is_adapter = target_kind(target) == "adapter"  # a TARGET that is no model fails here, before the inputs are read
@@ -97,8 +98,8 @@ def evaluate(target: str, request: EvalRequest, inputs: Inputs | None = None) ->
         raise LoraError(f"--compare-base: '{target}' is a model, not an adapter, so it has no base of its own; name "
                         "the model to compare it with: --base NAME.")
     start = starting_adapter(Path(target).expanduser()) if is_adapter and request.compare_base else None
-    max_length = (saved_recipe(Path(target).expanduser()).get("training") or {}).get("max_length", 1024) \
-        if is_adapter else 1024
+    trained_with = saved_recipe(Path(target).expanduser()) if is_adapter else {}
+    max_length = (trained_with.get("training") or {}).get("max_length", 1024)  # the run's truncation, or TRL's default
 
     def measure(loaded, role: str, use_adapter: bool = True) -> dict:
         name = loaded.name if use_adapter else loaded.base
@@ -120,8 +121,6 @@ def evaluate(target: str, request: EvalRequest, inputs: Inputs | None = None) ->
         loaded = _load(request.base, None)
         report["base"] = measure(loaded, "base")
         _free(loaded)
-    from lora_cli.evaluate.report import add_changes
-
     add_changes(report)
     report["inputs"] = {"data": request.data, "answers": request.answers, "tasks": list(request.tasks or []),
                         "limit": request.limit, "max_new_tokens": request.max_new_tokens,
