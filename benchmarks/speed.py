@@ -18,7 +18,8 @@ train's defaults; _varied packs chat-like lengths); qlora_documents (packs long 
 typical: the varlen path at long max_length, beside qlora's fixed rows); lora_nogc, qlora_nogc, baseline_lora_nogc
 (no gradient checkpointing);
 qlora_unfused, qlora_nooffload, qlora_noliger, qlora_nographs, qlora_nolean, qlora_noattention, qlora_trlloss,
-lora_trlloss, qlora_varied_novarlen, qlora_documents_novarlen, qlora_notiled (one default lever off); qlora_cudnn,
+lora_trlloss, qlora_varied_novarlen, qlora_documents_novarlen, qlora_notiled, qlora_nogrouped (one default lever
+off, LEVER_OFF); qlora_cudnn,
 qlora_flex (speed.attention_kernel: cuDNN's SDPA, FlexAttention); baseline_qlora_compile, qlora_compile (each with
 TRL's `torch_compile: true`); unsloth (with UNSLOTH_SITE naming its packages); dpo, baseline_dpo (QLoRA DPO on preference
 pairs of SEQ tokens a side: `lora train` with method: dpo against TRL's DPOTrainer with PEFT as its docs write it);
@@ -435,6 +436,13 @@ def length_reward(completions, **kwargs) -> list[float]:
     return [-abs(len(c if isinstance(c, str) else c[0]["content"]) - 200) / 200 for c in completions]
 
 
+LEVER_OFF = {"_unfused": {"fused_lora": False}, "_nooffload": {"offload_activations": False},
+             "_novarlen": {"varlen_attention": False}, "_nographs": {"cuda_graphs": False},
+             "_nolean": {"lean_recompute": False}, "_noattention": {"offload_attention": False},
+             "_trlloss": {"fused_loss": False}, "_notiled": {"tiled_mlp": False},
+             "_nogrouped": {"grouped_experts": False}}
+
+
 def run_lora(mode: str, arch: str) -> dict:
     """`lora train`'s own code path, with the recipe a user would write for this mode."""
     from safetensors.torch import load_file
@@ -449,8 +457,8 @@ def run_lora(mode: str, arch: str) -> dict:
     raw = {
         "model": {"name_or_path": str(build_model(arch)), "attn_implementation": "sdpa"},
         # On an MoE shape the baseline's TARGETS reach the experts (PEFT moves gate/up/down_proj to them): ours too.
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": [t for t in TARGETS if not (is_moe(arch) and t in MLP_NAMES)],
-                 "target_experts": is_moe(arch)},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_experts": is_moe(arch),
+                 "target_modules": [t for t in TARGETS if not (is_moe(arch) and t in MLP_NAMES)]},
         "data": {"train": str(write_data(data_kind))},
         "training": training,
         "output_dir": str(WORK / f"out-{mode}"),
@@ -464,24 +472,11 @@ def run_lora(mode: str, arch: str) -> dict:
     if mode.endswith("_nogc"):  # no recomputation: as a recipe with memory to spare may set it
         raw["training"]["gradient_checkpointing"] = False
     # One lever off at a time, to measure what each pays (recipe keys, as a user would turn them off).
-    if mode.endswith("_unfused"):
-        raw["speed"] = {"fused_lora": False}
-    if mode.endswith("_nooffload"):
-        raw["speed"] = {"offload_activations": False}
+    for suffix, speed in LEVER_OFF.items():
+        if mode.endswith(suffix):
+            raw["speed"] = speed
     if mode.endswith("_noliger"):
         raw["training"]["use_liger_kernel"] = False
-    if mode.endswith("_novarlen"):
-        raw["speed"] = {"varlen_attention": False}
-    if mode.endswith("_nographs"):
-        raw["speed"] = {"cuda_graphs": False}
-    if mode.endswith("_nolean"):
-        raw["speed"] = {"lean_recompute": False}
-    if mode.endswith("_noattention"):
-        raw["speed"] = {"offload_attention": False}
-    if mode.endswith("_trlloss"):
-        raw["speed"] = {"fused_loss": False}
-    if mode.endswith("_notiled"):
-        raw["speed"] = {"tiled_mlp": False}
     if mode.endswith(("_cudnn", "_flex")):  # an attention kernel instead of SDPA's flash (docs/long-sequences.md)
         raw["speed"] = {"attention_kernel": mode.rpartition("_")[2]}
     if mode.endswith("_compile"):  # not a lever of ours: TRL's torch.compile on top of the defaults

@@ -126,6 +126,7 @@ class SpeedSection:
     fused_loss: bool = True  # the LM head and loss through Liger's cross-entropy kernel, chunked (one GPU)
     offload_embeddings: bool = True  # QLoRA with checkpointing: the frozen input embedding waits in host memory
     tiled_mlp: bool = True  # long sequences: the MLP computed a tile of tokens at a time (on where it pays)
+    grouped_experts: bool = True  # MoE with lora.target_experts: the experts' LoRA as grouped low-rank products
     attention_kernel: str = "sdpa"  # sdpa (flash), cudnn (cuDNN's SDPA), flex (FlexAttention): docs/long-sequences.md
 
 

@@ -17,6 +17,7 @@ gets and wiring.py installs them into the Trainer.
 - fused_loss.py: the LM head and loss through Liger's cross-entropy kernel, chunked (`speed.fused_loss`).
 - host_embedding.py: the input embedding in pinned host memory for QLoRA (`speed.offload_embeddings`).
 - tiled_mlp.py: the MLP a tile of tokens at a time at long sequences (`speed.tiled_mlp`).
+- grouped_experts.py: MoE experts' LoRA as grouped low-rank products, not PEFT's W + BA (`speed.grouped_experts`).
 - attention_kernels.py: cuDNN's SDPA or FlexAttention for unpacked rows (`speed.attention_kernel`, off until measured).
 - policy.py: Liger's kernels, gradient checkpointing from the memory plan, non-blocking batch copies, and the levers
   that pin host memory fitted to the machine (docs/long-sequences.md).

@@ -12,6 +12,7 @@ from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.coverage import off_reasons
 from lora_cli.speed.fused_loss import fused_loss_supported, use_fused_loss
 from lora_cli.speed.fused_mlp import fuse_gated_mlps, gated_mlps
+from lora_cli.speed.grouped_experts import group_expert_adapters, grouped_linear_available
 from lora_cli.speed.host_embedding import offload_embedding, offloadable_embedding, restore_embedding
 from lora_cli.speed.lora_linear import fuse_lora_layers
 from lora_cli.speed.offloaded_attention import offloadable_attentions
@@ -42,6 +43,8 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     off = off_for_method(method)
     fused = fuse_lora_layers(trainer.model) if recipe.speed.fused_lora and "fused_lora" not in architecture else 0
     mlps = len(gated_mlps(trainer.model)) if fused and recipe.speed.fused_mlp else 0
+    grouped = (group_expert_adapters(trainer.model)
+               if recipe.speed.grouped_experts and recipe.lora.target_experts and grouped_linear_available() else 0)
     if mlps:
         trainer.add_callback(FuseGatedMLPs())
     offload = (recipe.speed.offload_activations and args.gradient_checkpointing and torch.cuda.is_available()
@@ -75,7 +78,9 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
                  and not trainer.is_deepspeed_enabled else None)
     if embedding is not None:
         trainer.add_callback(OffloadEmbedding(embedding))
+    experts_line = f" grouped_experts={'on' if grouped else 'off'} ({grouped})" if recipe.lora.target_experts else ""
     return (f"fused_lora={'on' if fused else 'off'} ({fused} layers) fused_mlp={'on' if mlps else 'off'} ({mlps})"
+            f"{experts_line}"
             f" offload_activations={'on' if offload else 'off'}{why(reasons, 'offload_activations', offload)}"
             f" lean_recompute={'on' if lean else 'off'}"
             f" offload_attention={'on' if attention else 'off'} ({attention}){why(reasons, 'offload_attention')}"
