@@ -111,6 +111,27 @@ def test_hub_ids_short_names_and_instruct_variants_find_their_architecture(name,
     assert find_architecture(name) == key
 
 
+def test_an_image_text_checkpoint_counts_its_vision_tower_and_gives_each_tower_module_one_row():
+    report = inspect_params("gemma-3-4b-it", [16], target="all-linear")
+    assert report["model"]["params"] == 4_300_079_472  # the whole checkpoint, as published
+    # r x (in + out) over the language model's 34 layers: q, k, v, o, gate, up, down; the vision tower stays out
+    per_layer = (2560 + 2048) + 2 * (2560 + 1024) + (2048 + 2560) + 2 * (2560 + 10240) + (10240 + 2560)
+    assert report["ranks"][0]["trainable"] == 34 * 16 * per_layer == 29_802_496
+    rows = {row["module"]: row for row in report["modules"]}
+    fc1 = rows["model.vision_tower.encoder.layers.*.mlp.fc1"]
+    assert (fc1["count"], fc1["in_features"], fc1["out_features"], fc1["lora"]) == (27, 1152, 4304, False)
+    assert (rows["mlp.gate_proj"]["count"], rows["mlp.gate_proj"]["lora"]) == (34, True)
+    assert len(rows) == 6 + 7 + 1  # the tower's six linear modules, the decoder layer's seven, lm_head
+
+
+def test_key_value_heads_set_per_layer_come_from_the_first_layer():
+    report = inspect_params("gemma-4-26b-a4b", [16], target="all-linear")
+    assert (report["model"]["heads"], report["model"]["kv_heads"], report["model"]["head_dim"]) == (16, 8, 256)
+    shapes = {(row["module"], row["count"]): (row["in_features"], row["out_features"]) for row in report["modules"]}
+    assert shapes[("self_attn.k_proj", 25)] == (2816, 8 * 256)  # sliding-window layers
+    assert shapes[("self_attn.k_proj", 5)] == (2816, 2 * 512)  # full attention: 2 heads of 512, keys as values
+
+
 def test_the_embedded_model_name_uses_the_registry_without_converting_weights():
     report = inspect_params("smollm2-135m-instruct", [8])
     assert report["model"]["source"] == "built-in registry"
