@@ -124,6 +124,12 @@ def test_an_image_text_checkpoint_counts_its_vision_tower_and_gives_each_tower_m
     assert len(rows) == 6 + 7 + 1  # the tower's six linear modules, the decoder layer's seven, lm_head
 
 
+def test_named_modules_of_an_image_text_model_are_its_language_model_s_only():
+    report = inspect_params("gemma-3-4b", [8], target="q_proj,v_proj")
+    assert report["ranks"][0]["trainable"] == 34 * 8 * ((2560 + 2048) + (2560 + 1024))  # not the tower's 27 layers
+    assert sorted(trained_modules(report)) == ["self_attn.q_proj", "self_attn.v_proj"]
+
+
 def test_key_value_heads_set_per_layer_come_from_the_first_layer():
     report = inspect_params("gemma-4-26b-a4b", [16], target="all-linear")
     assert (report["model"]["heads"], report["model"]["kv_heads"], report["model"]["head_dim"]) == (16, 8, 256)
