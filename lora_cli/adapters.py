@@ -6,7 +6,8 @@ from peft import LoraConfig
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
 from lora_cli.errors import LoraError
-from lora_cli.experts import all_linear_targets, check_named_targets, expert_parameters, is_linear, language_layers
+from lora_cli.experts import (all_linear_targets, check_named_targets, expert_parameters, is_linear, language_layers,
+                               language_model_targets)
 
 
 def linear_module_names(model) -> list[str]:
@@ -47,6 +48,7 @@ def lora_config(section, model):
                    if expert_parameters(model) else "")
             )
         check_named_targets(model, targets)
+        targets = language_model_targets(model, targets)
     if targets == "all-linear":
         targets = all_linear_targets(model)
     return LoraConfig(

@@ -16,6 +16,10 @@ convolutions). Left out, and why:
   the experts' 3-D weights wherever they appear (huggingface/peft#3711), so the shared experts' and dense layers'
   projections of those names cannot get an adapter of their own: they are left out too.
 When nothing is left out, PEFT gets "all-linear" itself; otherwise a regex over the kept modules' paths.
+
+Named modules (lora.target_modules: [q_proj, v_proj]) on an image-text model: PEFT matches a name in the vision and
+audio towers too, where text data never runs it and where Gemma 4's modules of that name are wrappers it cannot
+adapt. A name the decoder layers have is kept to them, as PEFT's own default for Gemma 4 is.
 """
 
 import re
@@ -141,6 +145,20 @@ def all_linear_targets(model):
         raise LoraError(f"The {model.config.model_type} model has no linear layer that LoRA can train in its decoder "
                         "layers; name modules in lora.target_modules.")
     return re.escape(prefix) + r"\.\d+\.(?:" + "|".join(re.escape(path) for path in kept) + ")"
+
+
+def language_model_targets(model, names: list[str]):
+    """target_modules for module names: the names, or where a module outside the decoder layers has one of the
+    decoder layers' names, a regex that keeps those names to the decoder layers (the others match anywhere)."""
+    prefix, _ = language_layers(model)
+    in_layers = {path.rpartition(".")[2] for path in layer_linears(model)}
+    outside = {name.rpartition(".")[2] for name, _ in model.named_modules() if not name.startswith(prefix + ".")}
+    kept = [name for name in names if name in in_layers and name in outside]
+    if not kept:
+        return names
+    others = [name for name in names if name not in kept]
+    pattern = re.escape(prefix) + r"\.\d+\.(?:.*\.)?(?:" + "|".join(map(re.escape, kept)) + ")"
+    return pattern + (r"|(?:.*\.)?(?:" + "|".join(map(re.escape, others)) + ")" if others else "")
 
 
 def check_named_targets(model, names: list[str]) -> None:

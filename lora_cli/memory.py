@@ -36,6 +36,7 @@ Public functions:
 """
 
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -140,11 +141,13 @@ def build_meta_model(config, trust_remote_code: bool = False):
 
 
 def layer_key(name: str, prefix: str) -> str:
-    """model.layers.3.self_attn.q_proj -> self_attn.q_proj; lm_head stays lm_head."""
+    """model.layers.3.self_attn.q_proj -> self_attn.q_proj; lm_head stays lm_head. Outside the language layers
+    (an image-text model's vision tower) layer numbers become *, so that a tower's layers share their rows:
+    model.vision_tower.encoder.layers.*.mlp.fc1."""
     if name.startswith(prefix + "."):
         rest = name[len(prefix) + 1:]
         return rest.partition(".")[2]
-    return name
+    return re.sub(r"(?<=\.)\d+(?=\.)", "*", name)
 
 
 def _global(config, name: str):
@@ -163,7 +166,7 @@ def layout_of(model) -> Layout:
     heads = config.num_attention_heads
     attention = getattr(layers[0], "self_attn", None)  # Gemma 4 sizes heads per layer: its first layer's
     head_dim = getattr(attention, "head_dim", None) or _global(config, "head_dim") or hidden // heads
-    kv_heads = _global(config, "num_key_value_heads") or heads
+    kv_heads = _global(config, "num_key_value_heads") or heads // getattr(attention, "num_key_value_groups", 1)
     quantizable, largest = 0, 0
     for module in model.modules():
         shape = linear_shape(module)

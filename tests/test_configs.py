@@ -1,6 +1,7 @@
 """Every shipped recipe validates, and the demo recipe trains the embedded model end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import REPO, run_lora_process
 from lora_cli.recipe import load_recipe
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+PLANNED = [path for path in CONFIGS if "lora inspect-params' plan" in path.read_text()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -22,6 +24,21 @@ def test_shipped_recipes_validate(path: Path, tmp_path):
     recipe = load_recipe(path, overrides)
     assert recipe.output_dir.startswith("runs/")
     assert path.read_text().startswith("#"), "each recipe documents itself in a comment header"
+
+
+@pytest.mark.parametrize("path", PLANNED, ids=[p.name for p in PLANNED])
+def test_the_gpu_memory_a_recipe_states_is_its_plan(path: Path):
+    """A header's "peak 8.6 GiB, 10.8 GiB with the CUDA context" is its row of lora inspect-params --recipe."""
+    from lora_cli.inspect_params import inspect_recipe
+    from lora_cli.memory import GIB
+
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    stated = re.search(r"peak ([\d.]+) GiB, ([\d.]+) GiB with the CUDA context", header)
+    report = inspect_recipe(path)
+    recipe = report["recipe"]
+    highlighted = (recipe["method"], recipe["gradient_checkpointing"])
+    row = next(row for row in report["memory"]["rows"] if (row["method"], row["gradient_checkpointing"]) == highlighted)
+    assert stated and stated.groups() == (f"{row['peak'] / GIB:.1f}", f"{row['device'] / GIB:.1f}")
 
 
 def test_demo_end_to_end_on_the_embedded_model(tmp_path, embedded_dir):

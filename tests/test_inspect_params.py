@@ -9,6 +9,7 @@ from conftest import run_cli, write_jsonl
 
 from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError
+from lora_cli.experts import language_layers
 from lora_cli.inspect_params import format_report, inspect_params, registry_config
 from lora_cli.memory import GIB, build_meta_model, memory_plan
 
@@ -48,17 +49,41 @@ def test_llama_31_8b_all_linear_counts_grouped_query_attention_right():
         f"mlp.{p}_proj" for p in ("gate", "up", "down")}
 
 
+def parameter_count(*modules) -> int:
+    """Parameters of the modules together, each counted once (tied embeddings are one tensor)."""
+    return sum(p.numel() for p in {id(p): p for module in modules for p in module.parameters()}.values())
+
+
+def checkpoint_parameter_count(model) -> int:
+    """The model's parameters plus the multi-token-prediction layers a Qwen3.5 checkpoint also holds (mtp.*, which
+    transformers skips on load): each a full-attention decoder layer, the projection of the concatenated embedding
+    and hidden state back to the hidden size, and three norms."""
+    text = model.config.get_text_config()
+    mtp_layers = getattr(text, "mtp_num_hidden_layers", 0)
+    if not mtp_layers:
+        return parameter_count(model)
+    _, layers = language_layers(model)
+    full_attention = next(layer for layer, kind in zip(layers, text.layer_types) if kind == "full_attention")
+    hidden = text.hidden_size
+    return parameter_count(model) + mtp_layers * (parameter_count(full_attention) + 2 * hidden * hidden + 3 * hidden)
+
+
 @pytest.mark.parametrize("key", [key for key, entry in ARCHITECTURES.items() if entry["params"]])
 def test_registry_configs_build_the_published_parameter_counts(key):
     model = build_meta_model(registry_config(key))
-    assert sum(p.numel() for p in model.parameters()) == ARCHITECTURES[key]["params"]
+    assert checkpoint_parameter_count(model) == ARCHITECTURES[key]["params"]
 
 
 @pytest.mark.parametrize("key", [key for key, entry in ARCHITECTURES.items() if not entry["params"]])
 def test_registry_configs_round_to_the_counts_their_model_cards_publish(key):
-    published = ARCHITECTURES[key]["published"]  # "8.2B": billions, to the digits the card gives
+    entry = ARCHITECTURES[key]
+    published = entry["published"]  # "8.2B": billions, to the digits the card gives
     digits = len(published.rstrip("B").partition(".")[2])
-    count = sum(p.numel() for p in build_meta_model(registry_config(key)).parameters())
+    model = build_meta_model(registry_config(key))
+    if entry["language_model_only"]:  # the card leaves the vision and audio towers out
+        count = parameter_count(model.get_decoder(), model.get_output_embeddings())
+    else:
+        count = parameter_count(model)
     assert f"{count / 1e9:.{digits}f}B" == published
 
 
@@ -73,10 +98,44 @@ def test_registry_configs_round_to_the_counts_their_model_cards_publish(key):
     ("microsoft/Phi-3-mini-128k-instruct", "phi-3-mini"),
     ("google/gemma-2-2b-it", "gemma-2-2b"),
     ("openai-community/gpt2-xl", "gpt2-xl"),
+    ("google/gemma-3-1b-pt", "gemma-3-1b"),
+    ("google/gemma-3-27b-it", "gemma-3-27b"),
+    ("google/gemma-4-26B-A4B-it", "gemma-4-26b-a4b"),
+    ("Qwen/Qwen3.5-35B-A3B", "qwen3.5-35b-a3b"),
+    ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "llama-4-scout-17b-16e"),
+    ("allenai/Olmo-3-7B-Instruct", "olmo-3-7b"),
+    ("allenai/Olmo-3-32B-Think", "olmo-3-32b"),
     ("llama-9b", None),
 ])
 def test_hub_ids_short_names_and_instruct_variants_find_their_architecture(name, key):
     assert find_architecture(name) == key
+
+
+def test_an_image_text_checkpoint_counts_its_vision_tower_and_gives_each_tower_module_one_row():
+    report = inspect_params("gemma-3-4b-it", [16], target="all-linear")
+    assert report["model"]["params"] == 4_300_079_472  # the whole checkpoint, as published
+    # r x (in + out) over the language model's 34 layers: q, k, v, o, gate, up, down; the vision tower stays out
+    per_layer = (2560 + 2048) + 2 * (2560 + 1024) + (2048 + 2560) + 2 * (2560 + 10240) + (10240 + 2560)
+    assert report["ranks"][0]["trainable"] == 34 * 16 * per_layer == 29_802_496
+    rows = {row["module"]: row for row in report["modules"]}
+    fc1 = rows["model.vision_tower.encoder.layers.*.mlp.fc1"]
+    assert (fc1["count"], fc1["in_features"], fc1["out_features"], fc1["lora"]) == (27, 1152, 4304, False)
+    assert (rows["mlp.gate_proj"]["count"], rows["mlp.gate_proj"]["lora"]) == (34, True)
+    assert len(rows) == 6 + 7 + 1  # the tower's six linear modules, the decoder layer's seven, lm_head
+
+
+def test_named_modules_of_an_image_text_model_are_its_language_model_s_only():
+    report = inspect_params("gemma-3-4b", [8], target="q_proj,v_proj")
+    assert report["ranks"][0]["trainable"] == 34 * 8 * ((2560 + 2048) + (2560 + 1024))  # not the tower's 27 layers
+    assert sorted(trained_modules(report)) == ["self_attn.q_proj", "self_attn.v_proj"]
+
+
+def test_key_value_heads_set_per_layer_come_from_the_first_layer():
+    report = inspect_params("gemma-4-26b-a4b", [16], target="all-linear")
+    assert (report["model"]["heads"], report["model"]["kv_heads"], report["model"]["head_dim"]) == (16, 8, 256)
+    shapes = {(row["module"], row["count"]): (row["in_features"], row["out_features"]) for row in report["modules"]}
+    assert shapes[("self_attn.k_proj", 25)] == (2816, 8 * 256)  # sliding-window layers
+    assert shapes[("self_attn.k_proj", 5)] == (2816, 2 * 512)  # full attention: 2 heads of 512, keys as values
 
 
 def test_the_embedded_model_name_uses_the_registry_without_converting_weights():

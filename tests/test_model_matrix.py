@@ -185,6 +185,27 @@ def test_inspect_params_counts_what_peft_counts_on_the_real_model(name, model_di
     assert peft_model.get_nb_trainable_parameters() == (report["ranks"][0]["trainable"], report["ranks"][0]["all"])
 
 
+@pytest.mark.parametrize("name", cases(["gemma3", "gemma4"]))
+def test_named_modules_of_an_image_text_model_get_lora_in_its_language_model_only(name, model_dirs):
+    """PEFT matches q_proj in the vision tower too: Gemma 3's got adapters text never trains, Gemma 4's (wrappers of a
+    Linear) made PEFT refuse the model."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from lora_cli.adapters import lora_config
+    from lora_cli.inspect_params import inspect_params
+    from lora_cli.models import load_model
+    from lora_cli.recipe import LoraSection
+
+    folder = model_dirs(name)
+    real = load_model(str(folder), torch.float32)
+    peft_model = get_peft_model(real, lora_config(LoraSection(r=4, target_modules=["q_proj", "v_proj"]), real))
+    wrapped = [n for n, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)]
+    assert wrapped and all(".language_model.layers." in n for n in wrapped), wrapped
+    row = inspect_params(str(folder), [4], target="q_proj,v_proj")["ranks"][0]
+    assert peft_model.get_nb_trainable_parameters() == (row["trainable"], row["all"])
+
+
 def test_image_text_checkpoint_keeps_its_vision_tower_and_trains_only_the_language_model(model_dirs, chats, tmp_path,
                                                                                         capsys):
     from safetensors import safe_open
