@@ -34,7 +34,7 @@ from lora_cli.speed.policy import check_memory_before_loading, step_memory_plan
 from lora_cli.speed.step_overhead import trim_step_overhead
 from lora_cli.speed.wiring import use_own_kernels
 from lora_cli.trackers.run import attach_trackers
-from lora_cli.unsupported import check_trainable
+from lora_cli.library_fixes import fix_for_training
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False,
@@ -55,7 +55,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = F
         recipe.quantization.bnb_4bit_quant_storage = str(pick_dtype(recipe.model.dtype)).removeprefix("torch.")
     memory = check_memory_before_loading(recipe)  # refuses here what would exhaust host or GPU memory
     model, tokenizer, model_path = load_base_for_recipe(recipe)  # with model.adapter attached, to keep training
-    check_trainable(model)
+    fix_for_training(model)
     prepared = method.prepare(train_records, eval_records, fmt, tokenizer, recipe)
     peft_config = None if recipe.model.adapter else lora_config(recipe.lora, model)
     args = method.trl_config(recipe, out, prepared, model)
