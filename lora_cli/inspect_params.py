@@ -269,12 +269,14 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
     plan = plan_for_layout(lay, rows[0]["trainable"], targeted, ranks[0], lora.dropout, lora.use_dora, seq_len, batch_size)
     notes = []
     host = host_memory()
-    host_fit = {}
+    host_fit, fitted = {}, {}
     for row in plan["rows"]:
         if row["method"] in plan["lora_train"] and row["gradient_checkpointing"]:
             choice = choose_offloading(lay, row, targeted, ranks[0], lora.dropout, seq_len * batch_size,
                                        SpeedSection(), host, None)
             host_fit[row["method"]] = {lever: reason for lever, reason in choice.reasons.items() if lever != "tiled_mlp"}
+            # What those levers leave: layer inputs kept on the GPU add to its peak (lora train checks the GPU too).
+            fitted[row["method"]] = {"gpu_device": choice.plan["gpu"]["device"], "host": choice.plan["host"]["total"]}
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         notes.append(f"{seq_len} tokens is more than the model's {max_positions:,} positions; plan with "
@@ -309,7 +311,8 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
         "ranks": rows,
         "memory": plan,
         # This machine's host memory and what lora train's policy would turn off for it (GPU not checked here)
-        "host_memory": {**dataclasses.asdict(host), "description": host.describe(), "levers_off": host_fit},
+        "host_memory": {**dataclasses.asdict(host), "description": host.describe(), "levers_off": host_fit,
+                        "fitted_plan": fitted},
         "notes": notes,
     }
 
@@ -426,6 +429,9 @@ def format_report(report: dict) -> str:
     off = {method: reasons for method, reasons in host["levers_off"].items() if reasons}
     lines.append(f"  This machine: {host['description']}" + (": the default levers fit." if not off else ";"))
     for method, reasons in off.items():
-        lines.append(f"  {METHOD_NAMES[method]}: " + "; ".join(f"{lever}: {why}" for lever, why in reasons.items()))
+        fitted = host["fitted_plan"][method]
+        lines.append(f"  {METHOD_NAMES[method]}: " + "; ".join(f"{lever}: {why}" for lever, why in reasons.items())
+                     + f"; then GPU {fitted['gpu_device'] / GIB:.2f} GiB with the CUDA context, host "
+                       f"{fitted['host'] / GIB:.2f} GiB")
     lines += [f"note: {note}" for note in report["notes"]]
     return "\n".join(lines)

@@ -332,3 +332,19 @@ def test_seq_len_shows_gpu_and_host_memory(capsys, monkeypatch):
         in result.out
     assert "This machine: 64.0 GiB available (LORA_HOST_MEMORY_BYTES" in result.out
     assert "QLoRA (NF4 + DQ): offload_attention: host memory: needs 150.0 GiB, 57.6 available" in result.out
+
+
+def test_seq_len_shows_what_the_fitted_levers_leave_on_the_gpu(monkeypatch):
+    """With 32 GiB of host memory at 131,072 tokens some layer inputs (1 GiB each) stay on the GPU: the plan of the
+    levers lora train would choose here says so, as its memory check does, above the all-on-the-host GPU peak."""
+    from lora_cli.inspect_params import inspect_params
+
+    monkeypatch.setenv("LORA_HOST_MEMORY_BYTES", str(32 * 2**30))
+    report = inspect_params("llama-3.1-8b", [16], target="all-linear", dropout=0.0, seq_len=131072)
+    reasons = report["host_memory"]["levers_off"]["qlora"]
+    fitted = report["host_memory"]["fitted_plan"]["qlora"]
+    on_host = int(reasons["offload_activations"].split(" of 32")[0])
+    assert 0 < on_host < 32
+    assert fitted["host"] <= 0.9 * 32 * 2**30
+    defaults = report["memory"]["lora_train"]["qlora"]["gpu"]["device"]
+    assert fitted["gpu_device"] >= defaults + (32 - on_host) * 2**30 * 0.9
