@@ -81,7 +81,9 @@ def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, *args,
 
     experts = self.get_base_layer()
     adapter = active_adapter(self.grouped_wrappers)
-    if args or kwargs or adapter is None or experts._is_expert_parallel or experts.has_post_expert_norm:
+    # transformers before 5.2x has neither expert parallelism nor post-expert norms on its experts classes
+    if (args or kwargs or adapter is None or getattr(experts, "_is_expert_parallel", False)
+            or getattr(experts, "has_post_expert_norm", False)):
         return self.peft_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
     num_top_k, num_tokens, hidden = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
