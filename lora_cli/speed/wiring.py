@@ -70,6 +70,10 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers))
     fused_loss = recipe.speed.fused_loss and "fused_loss" not in off and fused_loss_supported(trainer)
+    # TRL 1.16 adds an MoE router's load-balancing loss by default, which the fused loss does not compute.
+    router_loss = (" (MoE: the router's load-balancing loss, which it does not add; training.router_aux_loss_coef: 0 "
+                   "drops that loss)" if recipe.speed.fused_loss and "fused_loss" not in off and not fused_loss
+                   and torch.cuda.is_available() and getattr(trainer, "aux_loss_enabled", False) else "")
     if fused_loss:
         use_fused_loss(trainer)
     # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
@@ -88,6 +92,7 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
             f" cuda_graphs={'on' if graphs else 'off'}{for_method(off, method, 'cuda_graphs', recipe.speed)}"
             f" varlen_attention={'on' if varlen else 'off'}{for_method(off, method, 'varlen_attention', recipe.speed)}"
             f" fused_loss={'on' if fused_loss else 'off'}{for_method(off, method, 'fused_loss', recipe.speed)}"
+            f"{router_loss}"
             f" offload_embeddings={'on' if embedding is not None else 'off'}"
             f"{for_method(off, method, 'offload_embeddings', recipe.speed)}{attention_line}"
             + because(architecture, recipe.speed))
