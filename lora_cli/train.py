@@ -26,6 +26,7 @@ from lora_cli.checkpoints import (
 )
 from lora_cli.errors import LoraError
 from lora_cli.evaluate.run import read_recipe_eval, run_recipe_eval
+from lora_cli.library_fixes import fix_for_training
 from lora_cli.memory import format_memory_plan
 from lora_cli.models import hide_library_notices, load_base_for_recipe, pick_dtype
 from lora_cli.outputs import finish, write_json
@@ -34,7 +35,6 @@ from lora_cli.speed.policy import check_memory_before_loading, step_memory_plan
 from lora_cli.speed.step_overhead import trim_step_overhead
 from lora_cli.speed.wiring import use_own_kernels
 from lora_cli.trackers.run import attach_trackers
-from lora_cli.library_fixes import fix_for_training
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False, force: bool = False, dry_run: bool = False,

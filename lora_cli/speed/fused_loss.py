@@ -96,20 +96,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), None, None
 
 
-def fused_loss_supported(trainer) -> bool:
-    """Whether this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly."""
+# TRL 1.16 adds an MoE router's load-balancing loss by default (router_aux_loss_coef from the model's config).
+ROUTER_LOSS = ("MoE: the router's load-balancing loss, which it does not add; training.router_aux_loss_coef: 0 drops "
+               "that loss")
+
+
+def fused_loss_unsupported(trainer) -> str | None:
+    """None where this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly; else why
+    not, for the lever line ("" where the lever line need not say: no GPU, several processes, another loss)."""
     args = trainer.args
-    if not torch.cuda.is_available() or liger_cross_entropy_kernel() is None or args.world_size > 1:
-        return False
-    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled or getattr(trainer, "aux_loss_enabled", False):
-        return False
+    if not torch.cuda.is_available():
+        return ""
+    if getattr(trainer, "aux_loss_enabled", False):
+        return ROUTER_LOSS
+    if (liger_cross_entropy_kernel() is None or args.world_size > 1 or trainer.is_fsdp_enabled
+            or trainer.is_deepspeed_enabled):
+        return ""
     if args.loss_type != "nll" or trainer.compute_loss_func is not None or trainer.label_smoother is not None:
-        return False
+        return ""
     causal_lm = causal_lm_of(trainer.model)
     head = causal_lm.get_output_embeddings()
     config = causal_lm.config.get_text_config()
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
-            and not any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS))
+    exact = (isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+             and not any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS))
+    return None if exact else ""
 
 
 def causal_lm_of(model):
@@ -118,7 +128,7 @@ def causal_lm_of(model):
 
 
 def use_fused_loss(trainer) -> None:
-    """Route the trainer's training loss through LinearCrossEntropy (see fused_loss_supported first)."""
+    """Route the trainer's training loss through LinearCrossEntropy (where fused_loss_unsupported says None)."""
     trainer.trl_compute_loss, trainer.trl_log = trainer.compute_loss, trainer.log
     trainer.compute_loss = types.MethodType(compute_loss, trainer)
     trainer.log = types.MethodType(log, trainer)

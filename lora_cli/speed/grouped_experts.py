@@ -115,9 +115,10 @@ def group_expert_adapters(model) -> int:
     """Route the adapted experts of the model through grouped_lora_forward; returns how many MoE layers."""
     count = 0
     for outer in wrapped_experts(model):
-        if hasattr(outer, "peft_forward") or not aligned(adapted_parameters(outer)):
+        wrappers = adapted_parameters(outer)
+        if hasattr(outer, "peft_forward") or not aligned(wrappers):
             continue
-        outer.grouped_wrappers = adapted_parameters(outer)  # a plain dict: the wrappers stay where they are registered
+        outer.grouped_wrappers = wrappers  # a plain dict: the wrappers stay where they are registered
         outer.peft_forward = outer.forward
         outer.forward = types.MethodType(grouped_lora_forward, outer)
         count += 1

@@ -10,7 +10,7 @@ from lora_cli.memory import TILED_MLP_TOKENS
 from lora_cli.speed.attention_kernels import use_attention_kernel
 from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.coverage import off_reasons
-from lora_cli.speed.fused_loss import fused_loss_supported, use_fused_loss
+from lora_cli.speed.fused_loss import fused_loss_unsupported, use_fused_loss
 from lora_cli.speed.fused_mlp import fuse_gated_mlps, gated_mlps
 from lora_cli.speed.grouped_experts import group_expert_adapters, grouped_linear_available
 from lora_cli.speed.host_embedding import offload_embedding, offloadable_embedding, restore_embedding
@@ -69,11 +69,8 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
                  if offload and recipe.speed.offload_attention and (chosen is None or chosen.attention) else 0)
     if offload:
         trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers))
-    fused_loss = recipe.speed.fused_loss and "fused_loss" not in off and fused_loss_supported(trainer)
-    # TRL 1.16 adds an MoE router's load-balancing loss by default, which the fused loss does not compute.
-    router_loss = (" (MoE: the router's load-balancing loss, which it does not add; training.router_aux_loss_coef: 0 "
-                   "drops that loss)" if recipe.speed.fused_loss and "fused_loss" not in off and not fused_loss
-                   and torch.cuda.is_available() and getattr(trainer, "aux_loss_enabled", False) else "")
+    unsupported = fused_loss_unsupported(trainer) if recipe.speed.fused_loss and "fused_loss" not in off else ""
+    fused_loss = unsupported is None
     if fused_loss:
         use_fused_loss(trainer)
     # The memory is what the fused MLP keeps from a rerun of a 4-bit layer (host_embedding.py says why).
@@ -92,7 +89,7 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
             f" cuda_graphs={'on' if graphs else 'off'}{for_method(off, method, 'cuda_graphs', recipe.speed)}"
             f" varlen_attention={'on' if varlen else 'off'}{for_method(off, method, 'varlen_attention', recipe.speed)}"
             f" fused_loss={'on' if fused_loss else 'off'}{for_method(off, method, 'fused_loss', recipe.speed)}"
-            f"{router_loss}"
+            f"{f' ({unsupported})' if unsupported else ''}"
             f" offload_embeddings={'on' if embedding is not None else 'off'}"
             f"{for_method(off, method, 'offload_embeddings', recipe.speed)}{attention_line}"
             + because(architecture, recipe.speed))
