@@ -58,8 +58,8 @@ LAYERS = int(os.environ.get("BENCH_LAYERS", 0))  # the architecture cut to this 
 # BENCH_PROFILE=1: print where two steps' GPU time goes (steps WARM+1, WARM+2), with the host calls around each
 # idle gap; =cuda: GPU activity only, which leaves the host's speed as it is (the host-side profiler slows it).
 PROFILE = os.environ.get("BENCH_PROFILE") in ("1", "cuda")
-# BENCH_MEMORY=1: record allocations from the start of training to step WARM+2 and print the live ones at the peak,
-# by where they were allocated (slows the run: not for timing).
+# BENCH_MEMORY=1: record allocations from the start of training to step WARM+2 (or the last) and print the live ones
+# at the peak, by where they were allocated (slows the run: not for timing).
 MEMORY = os.environ.get("BENCH_MEMORY") == "1"
 TRACE_DIR = os.environ.get("BENCH_TRACE_DIR")  # with BENCH_PROFILE: also keep each mode's trace there, gzipped
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -285,7 +285,7 @@ def timer_callback(records: list, losses: list, graph_pools: list | None = None)
             if PROFILE and state.global_step == WARM + 2:
                 self.profiler.__exit__(None, None, None)
                 print_profile(self.profiler)
-            if MEMORY and state.global_step == WARM + 2:
+            if MEMORY and state.global_step == min(WARM + 2, STEPS):
                 print_memory_peak(torch.cuda.memory._snapshot())
                 torch.cuda.memory._record_memory_history(enabled=None)
 
