@@ -18,14 +18,18 @@ loop for this one case (summed loss, frozen LM head without bias, no label smoot
 cross-entropy kernel and no read-back.
 
 How: compute_loss runs the decoder (the PEFT-wrapped backbone, under the accelerator's autocast), shifts the labels
-as TRL's fused head does, and divides the summed loss by the token count TRL divides by. Token accuracy (the same
-kernel computes it) and the token count stay on the GPU until a step logs. Entropy is not logged.
+as TRL's fused head does, and divides the summed loss by the token count TRL divides by. On an MoE model it adds
+the router's load-balancing loss as TRL does (router_loss below). Token accuracy (the same kernel computes it), the
+token count and the load-balancing loss stay on the GPU until a step logs. Entropy is not logged.
 Used on one GPU (DDP and FSDP wrap the model's forward, which this bypasses), for the plain NLL loss of an LM head
 without bias, scaling or soft-capping; anything else goes through TRL's own compute_loss. tests/test_train.py
-checks that it trains TRL's adapter, tests/speed/test_fused_loss.py the loss and gradient against torch's.
+checks that it trains TRL's adapter, tests/speed/test_fused_loss.py the loss and gradient against torch's and
+TRL's, and the load-balancing loss against the model's own.
 """
 
 import functools
+import inspect
+import sys
 import types
 
 import torch
@@ -97,17 +101,43 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 # TRL 1.16 adds an MoE router's load-balancing loss by default (router_aux_loss_coef from the model's config).
-ROUTER_LOSS = ("MoE: the router's load-balancing loss, which it does not add; training.router_aux_loss_coef: 0 drops "
-               "that loss")
+ROUTER_LOSS = ("MoE: TRL adds the router's load-balancing loss, which this model's module does not compute as TRL "
+               "does; training.router_aux_loss_coef: 0 drops that loss")
+
+
+def router_loss(causal_lm, backbone_outputs, attention_mask):
+    """The router's load-balancing loss from the backbone's router logits (asked for with output_router_logits), as
+    the model's CausalLM forward computes it: its module's load_balancing_loss_func with its num_experts and
+    num_experts_per_tok. Without an attention mask (TRL's padding-free rows) every token counts; there transformers
+    5.17's copy counts the experts with bincount, a read-back per MoE layer (later releases use histc), as in TRL's."""
+    load_balancing_loss = sys.modules[type(causal_lm).__module__].load_balancing_loss_func
+    return load_balancing_loss(backbone_outputs.router_logits, causal_lm.num_experts, causal_lm.num_experts_per_tok,
+                               attention_mask)
+
+
+def router_loss_is_trls(causal_lm) -> bool:
+    """Whether router_loss computes the loss TRL 1.16 adds. Its fused LM head (trl.trainer.utils.add_fused_lm_head)
+    calls Mixtral's copy of load_balancing_loss_func for every family, with the text config's num_experts and
+    num_experts_per_tok; transformers copies the function into each MoE family's module (the same source)."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    function = getattr(sys.modules[type(causal_lm).__module__], "load_balancing_loss_func", None)
+    experts = getattr(causal_lm, "num_experts", None)
+    config = causal_lm.config.get_text_config()
+    return (function is not None and experts is not None
+            and inspect.getsource(function) == inspect.getsource(modeling_mixtral.load_balancing_loss_func)
+            and experts == getattr(config, "num_experts", None)
+            and getattr(causal_lm, "num_experts_per_tok", None) == getattr(config, "num_experts_per_tok", None))
 
 
 def fused_loss_unsupported(trainer) -> str | None:
-    """None where this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly; else why
-    not, for the lever line ("" where the lever line need not say: no GPU, several processes, another loss)."""
+    """None where this run's loss is TRL's plain NLL over an LM head Liger's function computes exactly (plus an MoE
+    router's load-balancing loss, where router_loss computes TRL's); else why not, for the lever line ("" where the
+    lever line need not say: no GPU, several processes, another loss)."""
     args = trainer.args
     if not torch.cuda.is_available():
         return ""
-    if getattr(trainer, "aux_loss_enabled", False):
+    if trainer.aux_loss_enabled and not router_loss_is_trls(causal_lm_of(trainer.model)):
         return ROUTER_LOSS
     if (liger_cross_entropy_kernel() is None or args.world_size > 1 or trainer.is_fsdp_enabled
             or trainer.is_deepspeed_enabled):
@@ -141,9 +171,13 @@ def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=N
         return self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
     causal_lm = causal_lm_of(model)
     model_inputs = {name: value for name, value in inputs.items() if name not in ("labels", "shift_labels")}
+    if self.aux_loss_enabled:
+        model_inputs["output_router_logits"] = True
     labels = inputs.get("shift_labels")
-    with self.accelerator.autocast():
-        hidden = causal_lm.base_model(**model_inputs, use_cache=False).last_hidden_state
+    with self.accelerator.autocast():  # the load-balancing loss too, as TRL computes it inside the model's forward
+        outputs = causal_lm.base_model(**model_inputs, use_cache=False)
+        aux_loss = router_loss(causal_lm, outputs, inputs.get("attention_mask")) if self.aux_loss_enabled else None
+    hidden = outputs.last_hidden_state
     if labels is None:  # position t predicts label t + 1
         hidden, labels = hidden[:, :-1], inputs["labels"][:, 1:]
     labels = labels.reshape(-1)
@@ -153,6 +187,11 @@ def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=N
     num_tokens = labelled if num_items_in_batch is None else num_items_in_batch
     loss = loss_sum / torch.as_tensor(num_tokens).clamp(min=1)
     metrics = self._metrics["train"]
+    if aux_loss is not None:
+        # A mean over this micro-batch: with num_items_in_batch the Trainer leaves gradient accumulation to the loss.
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + self.router_aux_loss_coef * aux_loss / steps
+        metrics["aux_loss"].append(aux_loss.detach())
     metrics["mean_token_accuracy"].append(right / labelled.clamp(min=1))  # 0, as TRL's, without labels
     if "attention_mask" in inputs:
         self._total_train_tokens = self._total_train_tokens + inputs["attention_mask"].sum()
