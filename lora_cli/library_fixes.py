@@ -2,9 +2,9 @@
 lets the libraries' own code run, names the bug, and goes when a release fixes it (tests/test_model_matrix.py
 trains these families end to end, so a fix that stops working fails there).
 
-- TRL 1.16's fused LM head (SFTTrainer's chunked log-probabilities, and our fused loss) adds the router's
-  load-balancing loss with `config.num_experts`; Llama 4's and GraniteMoeHybrid's configs call it
-  `num_local_experts` (AttributeError in the first step). The value is copied to the name TRL reads.
+- TRL 1.16's fused LM head (SFTTrainer's chunked log-probabilities) adds the router's load-balancing loss with
+  `config.num_experts`; Llama 4's and GraniteMoeHybrid's configs call it `num_local_experts` (AttributeError in the
+  first step). The value is copied to the name TRL reads (our fused loss checks the model's count against it).
 - The fused LM head runs the model's backbone through `model.base_model`, found by `base_model_prefix`.
   transformers' Llama4ForCausalLM names its backbone `language_model` but holds it as `model`, and
   Llama4ForConditionalGeneration has none: `base_model` is then the whole model, whose output has no
