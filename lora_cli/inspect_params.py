@@ -38,10 +38,11 @@ from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, f
                              layout_of, linear_shape, method_step, plan_for_layout, recipe_value, text_table)
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
 from lora_cli.recipe import LoraSection, SpeedSection, config_default, load_recipe
-from lora_cli.speed.policy import choose_offloading, host_memory
+from lora_cli.speed.policy import fit_offloading, host_memory, memory_refusal
 
 DEFAULT_SEQ_LEN = 2048
 DEFAULT_BATCH_SIZE = 1
+H100_FREE_BYTES = int(79.1 * GIB)  # what an idle H100 80GB has free: the GPU planned for on a machine without one
 PRESETS = ("attention", "mlp")
 
 
@@ -269,14 +270,19 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
     plan = plan_for_layout(lay, rows[0]["trainable"], targeted, ranks[0], lora.dropout, lora.use_dora, seq_len, batch_size)
     notes = []
     host = host_memory()
+    gpu_free, gpu = planned_gpu()
     host_fit, fitted = {}, {}
     for row in plan["rows"]:
         if row["method"] in plan["lora_train"] and row["gradient_checkpointing"]:
-            choice = choose_offloading(lay, row, targeted, ranks[0], lora.dropout, seq_len * batch_size,
-                                       SpeedSection(), host, None)
+            arguments = (lay, row, targeted, ranks[0], lora.dropout, seq_len * batch_size, SpeedSection(), host,
+                         gpu_free, 1, True)
+            choice = fit_offloading(*arguments)
             host_fit[row["method"]] = {lever: reason for lever, reason in choice.reasons.items() if lever != "tiled_mlp"}
             # What those levers leave: layer inputs kept on the GPU add to its peak (lora train checks the GPU too).
             fitted[row["method"]] = {"gpu_device": choice.plan["gpu"]["device"], "host": choice.plan["host"]["total"]}
+            if choice.refused:
+                notes.append(f"lora train would refuse {METHOD_NAMES[row['method']]} on {gpu}: "
+                             + memory_refusal(*arguments, choice))
     max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if max_positions and seq_len > max_positions:
         notes.append(f"{seq_len} tokens is more than the model's {max_positions:,} positions; plan with "
@@ -310,11 +316,20 @@ def _inspect(name: str, lora: LoraSection, ranks, seq_len: int, batch_size: int,
         "experts": experts,
         "ranks": rows,
         "memory": plan,
-        # This machine's host memory and what lora train's policy would turn off for it (GPU not checked here)
-        "host_memory": {**dataclasses.asdict(host), "description": host.describe(), "levers_off": host_fit,
-                        "fitted_plan": fitted},
+        # This machine's host memory and what lora train's policy would turn off for it and the GPU planned for
+        "host_memory": {**dataclasses.asdict(host), "description": host.describe(), "gpu_free": gpu_free,
+                        "gpu_description": gpu, "levers_off": host_fit, "fitted_plan": fitted},
         "notes": notes,
     }
+
+
+def planned_gpu() -> tuple[int, str]:
+    """The GPU memory lora train's levers are fitted to here, and in words: this machine's GPU's free memory, as
+    lora train's check takes it, else an H100 80GB's."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"this GPU's {free / GIB:.1f} GiB free"
+    return H100_FREE_BYTES, f"an H100 80GB's {H100_FREE_BYTES / GIB:.1f} GiB free (no GPU here)"
 
 
 def inspect_params(model: str, ranks=None, target=None, alpha: float | None = None, dora: bool | None = False,
@@ -427,7 +442,8 @@ def format_report(report: dict) -> str:
     lines += ["", format_memory_plan(report["memory"], highlight)]
     host = report["host_memory"]
     off = {method: reasons for method, reasons in host["levers_off"].items() if reasons}
-    lines.append(f"  This machine: {host['description']}" + (": the default levers fit." if not off else ";"))
+    lines.append(f"  This machine: {host['description']}, planned for {host['gpu_description']}"
+                 + (": the default levers fit." if not off else ";"))
     for method, reasons in off.items():
         fitted = host["fitted_plan"][method]
         lines.append(f"  {METHOD_NAMES[method]}: " + "; ".join(f"{lever}: {why}" for lever, why in reasons.items())

@@ -355,11 +355,25 @@ LOSS_CHUNK_BYTES = GIB  # speed/fused_loss.py: the most its logits chunk takes (
 class Offloading:
     """One choice of lora train's memory levers on a GPU (speed.* keys)."""
 
-    host_layers: int  # layers whose checkpointed input waits in host memory (the first ones); the rest keep it on GPU
+    host_layers: int  # layers whose checkpointed input waits in host memory (layer_input_places says which)
     attention: bool  # speed.offload_attention: each layer's attention saved tensors and output in host memory
     embedding: bool  # speed.offload_embeddings: the input embedding in pinned host memory
     tiled_mlp: bool  # speed.tiled_mlp: the MLP computed in tiles of TILED_MLP_TOKENS tokens
     liger_norms: bool = True  # Liger's RMSNorm keeps its bf16 input; transformers' keeps an fp32 copy
+    recomputed_layers: int = 0  # layers whose input is not kept: the backward reruns the layer before to get it
+
+
+def layer_input_places(layers: int, host_layers: int, recomputed_layers: int) -> list[str]:
+    """Where each decoder layer's checkpointed input waits for the backward, first layer first: "recomputed" for the
+    last, third-last, ... (recomputed_layers of them, never two adjacent: each is rerun from the kept input of the
+    layer before it, speed/checkpointing.py), then "host" for the first host_layers of the others and "gpu" for the
+    rest (the first layers' backward comes last, so their inputs have the longest wait on the host)."""
+    if not 0 <= recomputed_layers <= layers // 2:
+        raise ValueError(f"{recomputed_layers} recomputed layer inputs of {layers} layers: at most {layers // 2}")
+    recomputed = set(range(layers - 1, layers - 2 * recomputed_layers, -2))
+    stored = [layer for layer in range(layers) if layer not in recomputed]
+    places = {layer: "host" if index < host_layers else "gpu" for index, layer in enumerate(stored)}
+    return [places.get(layer, "recomputed") for layer in range(layers)]
 
 
 def pinned_bytes(count: int) -> int:
@@ -414,10 +428,13 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
     """GPU memory of lora train's checkpointed step with these levers: the largest of three moments.
 
     Kept through the step: weights, adapters, their gradients and AdamW's moments (the row's), the layer inputs
-    kept on the GPU, the rotary tables (cos and sin for every position, bf16), the token ids, labels and positions.
+    kept on the GPU (those neither on the host nor recomputed: layer_input_places), the rotary tables (cos and sin
+    for every position, bf16), the token ids, labels and positions.
     The backward of one layer adds its rerun: the gradient at its output, its input (brought back from the host,
-    and the next one already coming), the attention's input (the norm's output) and saved tensors (q, k, v, output,
-    log-sum-exp; back from the host or recomputed); then
+    and the next one already coming; or, for a recomputed input, made by a no-grad forward of the layer before from
+    that layer's input, which it holds until its own backward: a forward's working set, less than a backward's),
+    the attention's input (the norm's output) and saved tensors (q, k, v, output, log-sum-exp; back from the host
+    or recomputed); then
       MLP half:       the post-attention norm's saved input, the MLP's input and the gradient at it, and the MLP's
                       intermediates (for the whole sequence, or one tile with speed.tiled_mlp);
       attention half: the gradient at the attention output and the flash backward's dq, dk, dv, fp32 dq
@@ -431,11 +448,13 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
     static = row["weights"] + row["lora_params"] + row["gradients"] + row["optimizer"]
     if off.embedding:
         static -= c * lay.vocab * h
-    kept = (static + (lay.layers - off.host_layers) * tokens * h * c + tokens * 2 * lay.head_dim * c
-            + tokens * 3 * 8 + CUBLAS_WORKSPACES)
+    gpu_inputs = (lay.layers - off.host_layers - off.recomputed_layers) * tokens * h * c
+    kept = static + gpu_inputs + tokens * 2 * lay.head_dim * c + tokens * 3 * 8 + CUBLAS_WORKSPACES
     saved_attention = attention_host_bytes(lay, [], 0, 2, tokens) - tokens * c * h  # without the output
     saved_attention += tokens * c * rank * sum(m.role == "attention" for m in trained)
-    brought_back = tokens * c * h * (2 if off.host_layers else 0) + (tokens * c * h if off.attention else 0)
+    # Two layer inputs at once: one back from the host and the next coming, or a recomputed one and its source.
+    brought_back = (tokens * c * h * (2 if off.host_layers or off.recomputed_layers else 0)
+                    + (tokens * c * h if off.attention else 0))
     norm_bytes = 2 if off.liger_norms else 4
     rerun = (tokens * c * h  # the gradient at the layer's output
              + tokens * c * h  # the norm's output, the attention's input
@@ -452,14 +471,15 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
                "end of forward (loss)": kept + loss}
     moment, peak = max(moments.items(), key=lambda kv: kv[1])
     return {"peak": peak, "device": int(peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES, "peak_at": moment,
-            "static": static, "layer_inputs": (lay.layers - off.host_layers) * tokens * h * c,
+            "static": static, "layer_inputs": gpu_inputs,
             "rerun": rerun, "mlp": mlp, "attention": attention, "loss": loss}
 
 
 def lora_train_host_bytes(lay: Layout, trained: list[LayerModule], rank: int, adapter_bytes: int, tokens: int,
                           off: Offloading) -> dict:
     """Host memory of lora train's step with these levers: pinned (the layer inputs and the attention in buffers of
-    their exact size, the embedding through torch's caching host allocator) and the process."""
+    their exact size, the embedding through torch's caching host allocator) and the process. Recomputed layer
+    inputs take none."""
     terms = {
         "layer_inputs": off.host_layers * tokens * lay.hidden * 2,
         "attention": lay.layers * attention_host_bytes(lay, trained, rank, adapter_bytes, tokens) if off.attention else 0,

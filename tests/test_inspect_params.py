@@ -4,6 +4,7 @@ import json
 import time
 
 import pytest
+import torch
 import yaml
 from conftest import run_cli, write_jsonl
 
@@ -348,3 +349,23 @@ def test_seq_len_shows_what_the_fitted_levers_leave_on_the_gpu(monkeypatch):
     assert fitted["host"] <= 0.9 * 32 * 2**30
     defaults = report["memory"]["lora_train"]["qlora"]["gpu"]["device"]
     assert fitted["gpu_device"] >= defaults + (32 - on_host) * 2**30 * 0.9
+
+
+def test_seq_len_shows_recomputed_layer_inputs_and_refusals(capsys, monkeypatch):
+    """500,000 tokens with 120 GiB of host memory, planned for an H100 80GB (this machine's GPU is taken away): the
+    host holds 27 layer inputs, the GPU cannot hold the other 5, one is recomputed in the backward and the step fits.
+    At 700,000 tokens not even every other input recomputed fits: lora train would refuse, and the note says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LORA_HOST_MEMORY_BYTES", str(120 * GIB))
+    result = run_cli(["inspect-params", "--model", "llama-3.1-8b", "--target", "all-linear", "--seq-len", "500000",
+                      "--dropout", "0"], capsys)
+    assert result.code == 0, result.err
+    assert "planned for an H100 80GB's 79.1 GiB free (no GPU here);" in result.out
+    assert ("QLoRA (NF4 + DQ): offload_attention: host memory: needs 558.1 GiB, 108.0 available; offload_activations: "
+            "27 of 32 layer inputs on the host, 1 recomputed in the backward from the layer before, the rest on the "
+            "GPU (host memory: all need 127.1 GiB, 108.0 available); then GPU 78.33 GiB with the CUDA context, host "
+            "108.00 GiB") in result.out
+    assert "would refuse" not in result.out
+    notes = inspect_params("llama-3.1-8b", [16], target="all-linear", dropout=0.0, seq_len=700_000)["notes"]
+    assert any(note.startswith("lora train would refuse QLoRA (NF4 + DQ) on an H100 80GB's 79.1 GiB free (no GPU "
+                               "here): 700,000 tokens a step need more memory than this machine has") for note in notes)

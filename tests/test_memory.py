@@ -1,14 +1,17 @@
 """The memory plan at long sequences (lora_cli/memory.py): what it counts against what the code keeps, and that no
 L x L tensor is made on the paths lora train uses."""
 
+import dataclasses
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import (GIB, attention_host_bytes, default_offloading, layout_and_trained, loss_chunk_rows,
-                             memory_plan, mlp_intermediate_bytes)
+from lora_cli.memory import (GIB, Offloading, attention_host_bytes, default_offloading, layer_input_places,
+                             layout_and_trained, lora_train_plan, loss_chunk_rows, memory_plan, mlp_intermediate_bytes)
 from lora_cli.speed.varlen import varlen_mask
 
 LENGTH = 1024
@@ -116,3 +119,31 @@ def test_long_sequence_plan_of_the_llama_8b_shape():
     assert mlp_intermediate_bytes(lay, 524_288) == 42 * GIB
     assert qlora["gpu"]["mlp"] < 14 * GIB
     assert not default_offloading(lay, "qlora", [], 0.0, 2048).tiled_mlp  # short sequences keep the MLP whole
+
+
+def test_recomputed_layer_inputs_are_every_other_one_from_the_last():
+    """Each recomputed input is rerun from the kept input of the layer before, so no two are adjacent; the other
+    layers' inputs go to the host first layer first, the rest stay on the GPU."""
+    assert layer_input_places(4, 1, 2) == ["host", "recomputed", "gpu", "recomputed"]
+    assert layer_input_places(4, 4, 0) == ["host"] * 4
+    places = layer_input_places(32, 27, 1)
+    assert places[:27] == ["host"] * 27 and places[27:] == ["gpu"] * 4 + ["recomputed"]
+    stored = [layer for layer, place in enumerate(layer_input_places(32, 13, 16)) if place != "recomputed"]
+    assert stored == list(range(0, 32, 2))
+    with pytest.raises(ValueError):
+        layer_input_places(5, 0, 3)
+
+
+def test_recomputed_layer_inputs_take_no_memory():
+    """A recomputed layer input is held neither on the GPU through the step nor on the host: the GPU plan of the
+    Llama-3.1-8B shape at 524,288 tokens drops by one 4 GiB input for each, the host plan is the same."""
+    config = registry_config("llama-3.1-8b")
+    plan = memory_plan(config, 41_943_040, 524_288, 1, "all-linear", 16, 0.0, False)
+    lay, trained = layout_and_trained(config, "all-linear")
+    row = next(r for r in plan["rows"] if r["method"] == "qlora" and r["gradient_checkpointing"])
+    split = Offloading(**{**plan["lora_train"]["qlora"]["levers"], "host_layers": 13, "attention": False})
+    plans = [lora_train_plan(lay, row, trained, 16, 524_288, dataclasses.replace(split, recomputed_layers=count))
+             for count in (0, 5)]
+    assert plans[0]["gpu"]["layer_inputs"] - plans[1]["gpu"]["layer_inputs"] == 5 * 4 * GIB
+    assert plans[0]["gpu"]["peak"] - plans[1]["gpu"]["peak"] == 5 * 4 * GIB
+    assert plans[0]["host"] == plans[1]["host"]

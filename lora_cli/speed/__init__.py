@@ -7,7 +7,8 @@ gets and wiring.py installs them into the Trainer.
 
 - lora_linear.py: fused LoRA linear layers (`speed.fused_lora`).
 - checkpointing.py: checkpointed layer inputs offloaded to host memory on a side stream
-  (`speed.offload_activations`), with lean recomputation (recomputation.py, `speed.lean_recompute`).
+  (`speed.offload_activations`), or made again from the layer before's where neither memory holds them, with lean
+  recomputation (recomputation.py, `speed.lean_recompute`).
 - fused_mlp.py: gate and up projections, their adapters and SwiGLU (and down_proj, when its adapter has no dropout)
   in one function (`speed.fused_mlp`).
 - offloaded_attention.py: what the attention's backward reads waits in host memory, and the rerun skips the

@@ -5,15 +5,21 @@ transformers can keep it in host memory (`offload`), but copies on the compute s
 step. `OffloadedCheckpoint` copies on a side stream while the layer computes and brings the input of the next
 layer to recompute back while the current one runs its backward. The rerun skips what no backward reads (lean
 recomputation, recomputation.py), replays CUDA graphs (cuda_graphs.py) and keeps the attention's saved tensors
-instead of recomputing them (offloaded_attention.py) where those levers are on.
+instead of recomputing them (offloaded_attention.py) where those levers are on. Where neither memory has room for
+every layer input (half a million tokens), some are not kept at all: the backward makes them again from the layer
+before's (HostOffloader says how).
 
 Off with `speed.offload_activations: false`; tests/speed/test_checkpointing.py checks losses and gradients
 against transformers' checkpointing.
 """
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.utils.checkpoint
 
+from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
 from lora_cli.speed.offloaded_attention import host_bytes, install_saver
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
@@ -26,8 +32,15 @@ class HostOffloader:
     Forward: each layer input is copied out while the layer computes; at the next layer the compute stream waits
     for that copy and the input is let go. Backward (last layer first): the input of the layer that recomputes
     next is brought back while the current one runs. Tensors already on the host (a CPU run, as in the tests) are
-    kept as they are, and so are the inputs of the layers from host_layers on (speed/policy.py keeps them on the
-    GPU where host memory has no room for them: the first layers' go to the host, whose backward comes last).
+    kept as they are, and so are the inputs placed on the GPU (memory.layer_input_places: speed/policy.py keeps
+    them there where host memory has no room for them; the first layers' go to the host, whose backward comes last).
+
+    Recomputed inputs (placed so where the GPU has no room for them either): a layer's input is the output of the
+    layer before, so it keeps none. Its backward brings back the layer before's input, reruns that layer's forward
+    without autograd to make its own (one more forward of a layer each), and keeps the input it ran from for the
+    layer before's backward, which comes next. Only where the input is that output as the forward left it (an
+    architecture may do something between its layers) and neither layer replays CUDA graphs or keeps its attention
+    (offloaded_attention.py): otherwise the input is kept where it is.
 
     Host buffers of the exact size, one per layer, reused every step (offloaded_attention.host_bytes): torch's
     caching host allocator rounds every pinned block up to a power of two, which at 500,000 tokens of the
@@ -40,24 +53,35 @@ class HostOffloader:
     stream waiting for each copy, every block is freed and reused in the compute stream's own order.
     """
 
-    def __init__(self, host_layers: int | None = None):
+    def __init__(self):
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        self.host_layers = host_layers  # None: every layer's input goes to the host
+        self.places: list[str] = []  # each checkpointed layer's, in order (set by offloaded_checkpointing)
         self.buffers: dict[int, torch.Tensor] = {}  # layer -> its pinned host buffer
         self.kept: dict[int, torch.Tensor] = {}  # inputs kept where they are
         self.on_host: dict[int, torch.Tensor] = {}
         self.prefetched: dict[int, tuple[torch.Tensor, torch.cuda.Event]] = {}
         self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # inputs held until their copy is done
         self.attached: dict = {}  # key -> the layer's saved attention (offloaded_attention.SavedForward)
+        self.recomputed: dict[int, object] = {}  # key -> the layer before's ctx (OffloadedCheckpoint), to rerun it
+        self.offered: LayerOutput | None = None  # the output the next layer's input may be, until its save
         self.next_key = 0
-        self.layers = 0  # checkpointed layers a forward pass saves, in order (set by offloaded_checkpointing)
 
-    def save(self, tensor: torch.Tensor) -> int:
+    def place(self, key: int) -> str:
+        return self.places[key % len(self.places)]
+
+    def save(self, tensor: torch.Tensor, recomputable: bool) -> int:
+        """Keep a layer's input for its backward; returns its key. recomputable: the layer may rerun the one before
+        to make it (no CUDA graphs, no saved attention)."""
         key, self.next_key = self.next_key, self.next_key + 1
-        layer = key % self.layers if self.layers else key
-        if tensor.device.type != "cuda" or (self.host_layers is not None and layer >= self.host_layers):
+        offered, self.offered = self.offered, None
+        if (self.place(key) == "recomputed" and recomputable and offered is not None
+                and offered.ctx.key == key - 1 and offered.is_unchanged(tensor)):
+            self.recomputed[key] = offered.ctx
+            return key
+        if tensor.device.type != "cuda" or self.place(key) != "host":
             self.kept[key] = tensor
             return key
+        layer = key % len(self.places)
         self._release_copied()
         self.stream.wait_stream(torch.cuda.current_stream())  # the tensor is written
         host = self._host_buffer(layer, tensor)
@@ -69,22 +93,21 @@ class HostOffloader:
         self.on_host[key] = host
         return key
 
+    def offer_output(self, ctx, output) -> None:
+        """After a layer's forward (ctx: its OffloadedCheckpoint context): where the next layer's input is to be
+        recomputed, hold on to this output, which that input should be, until the next layer's save."""
+        if self.place(ctx.key + 1) == "recomputed":
+            tensor = output[0] if isinstance(output, tuple) else output
+            self.offered = LayerOutput(ctx, tensor, tensor._version)
+
     def load(self, key: int, device) -> torch.Tensor:
-        if key in self.kept:
-            if device.type == "cuda" and key - 1 in self.on_host:
-                self._prefetch(key - 1, device)
-            return self.kept.pop(key)
-        self._release_copied()
-        compute = torch.cuda.current_stream()
-        if key in self.prefetched:
-            tensor, ready = self.prefetched.pop(key)
-            compute.wait_event(ready)
+        if key in self.recomputed:
+            before = self._take(key - 1, device)
+            self.kept[key - 1] = before  # for the layer before's own backward, which comes next
+            tensor = rerun_forward(self.recomputed.pop(key), before)
         else:
-            compute.wait_stream(self.stream)  # the copy to the host has finished
-            tensor = self.on_host[key].to(device, non_blocking=True)
-        del self.on_host[key]
-        if key - 1 in self.on_host:  # the layer before this one recomputes next
-            self._prefetch(key - 1, device)
+            tensor = self._take(key, device)
+        self._prefetch_for(key - 1, device)  # the layer before this one recomputes next
         return tensor
 
     def attach(self, key: int, saved) -> None:
@@ -93,12 +116,12 @@ class HostOffloader:
             self.attached[key] = saved
 
     def layer_done(self, key: int, device) -> None:
-        """After a layer's forward. The last layer of a pass recomputes first, right after the loss: its input and
-        attention output start back now, while the LM head computes, instead of when its backward asks for them
-        (1.3 ms a step with the GPU idle, for the Llama-3.1-8B QLoRA step on an H100: BENCH_PROFILE=cuda
-        BENCH_TRACE_DIR=... python benchmarks/speed.py --modes qlora)."""
-        if device.type == "cuda" and self.layers and (key + 1) % self.layers == 0 and key in self.on_host:
-            self._prefetch(key, device)
+        """After a layer's forward. The last layer of a pass recomputes first, right after the loss: its input (the
+        layer before's, where its own is recomputed) and attention output start back now, while the LM head
+        computes, instead of when its backward asks for them (1.3 ms a step with the GPU idle, for the Llama-3.1-8B
+        QLoRA step on an H100: BENCH_PROFILE=cuda BENCH_TRACE_DIR=... python benchmarks/speed.py --modes qlora)."""
+        if (key + 1) % len(self.places) == 0:
+            self._prefetch_for(key, device)
 
     def _host_buffer(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
         """The layer's pinned buffer, grown (never shrunk) to the tensor's size, viewed as the tensor."""
@@ -120,6 +143,29 @@ class HostOffloader:
             compute.wait_event(copied)
         self.copying.clear()
 
+    def _take(self, key: int, device) -> torch.Tensor:
+        """The input saved under key, on the device (waiting for it where it comes from the host)."""
+        if key in self.kept:
+            return self.kept.pop(key)
+        self._release_copied()
+        compute = torch.cuda.current_stream()
+        if key in self.prefetched:
+            tensor, ready = self.prefetched.pop(key)
+            compute.wait_event(ready)
+        else:
+            compute.wait_stream(self.stream)  # the copy to the host has finished
+            tensor = self.on_host[key].to(device, non_blocking=True)
+        del self.on_host[key]
+        return tensor
+
+    def _prefetch_for(self, key: int, device) -> None:
+        """Start bringing back what the backward of the layer under key reads first from the host: its input, or for
+        a recomputed input the input of the layer before, which it reruns."""
+        if key in self.recomputed:
+            key -= 1
+        if key in self.on_host:
+            self._prefetch(key, device)
+
     def _prefetch(self, key: int, device) -> None:
         host = self.on_host[key]
         # Allocated on the compute stream, where it is used and freed; the side stream only writes it.
@@ -132,6 +178,44 @@ class HostOffloader:
         self.prefetched[key] = (tensor, ready)
         if key in self.attached:
             self.attached[key].fetch_output(device)
+
+
+@dataclass
+class LayerOutput:
+    """A checkpointed layer's output as its forward returned it, with the layer's ctx (OffloadedCheckpoint) to make
+    it again; held, so that no other tensor can take its memory while the next layer's save compares."""
+
+    ctx: object
+    tensor: torch.Tensor
+    version: int  # the tensor's version counter then: an in-place change since raises it
+
+    def is_unchanged(self, tensor: torch.Tensor) -> bool:
+        """Whether tensor is this output, not written since."""
+        mine = self.tensor
+        return (tensor.data_ptr() == mine.data_ptr() and tensor.shape == mine.shape and tensor.stride() == mine.stride()
+                and tensor.dtype == mine.dtype and tensor._version == self.version)
+
+
+@contextlib.contextmanager
+def replaying(ctx):
+    """The RNG and autocast state of the layer's forward (ctx: its OffloadedCheckpoint context), the caller's RNG
+    state restored after."""
+    enabled, dtype = ctx.autocast
+    cuda = ctx.device.type == "cuda"
+    with torch.random.fork_rng(devices=[ctx.device] if cuda else []), torch.autocast(ctx.device.type, dtype, enabled):
+        torch.set_rng_state(ctx.rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+        yield
+
+
+def rerun_forward(ctx, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layer's output made again from its input, as its forward made it: the same random draws (LoRA dropout),
+    no autograd. Called from the next layer's backward before it sets Recomputation.active, so the layer runs whole
+    (a lean rerun would skip the projection that makes the output)."""
+    with replaying(ctx), torch.no_grad():
+        output = ctx.run(hidden_states, *ctx.args)
+    return output[0] if isinstance(output, tuple) else output
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -147,14 +231,18 @@ class OffloadedCheckpoint(torch.autograd.Function):
         kind = hidden_states.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(ctx.device) if kind == "cuda" else None)
-        ctx.key = offloader.save(hidden_states)
+        plain = graphs is None and saver is None  # a rerun from the next layer's backward runs the layer as it is
+        ctx.key = offloader.save(hidden_states, recomputable=plain)
         if saver is not None and not args:
             saver.begin(call_signature(run, hidden_states))  # None (nothing saved) for a call graphs cannot take
         try:
             with torch.no_grad():
                 if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
                     return out
-                return run(hidden_states, *args)
+                out = run(hidden_states, *args)
+            if plain:
+                offloader.offer_output(ctx, out)
+            return out
         finally:
             if saver is not None:
                 offloader.attach(ctx.key, saver.finish())
@@ -165,13 +253,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         # In a list the graphs empty once they have copied it: the input is not held through the replay.
         loaded = [ctx.offloader.load(ctx.key, ctx.device)]
         saved = ctx.offloader.take_attached(ctx.key)  # the layer's attention, kept instead of recomputed
-        enabled, dtype = ctx.autocast
-        cuda = ctx.device.type == "cuda"
-        with torch.random.fork_rng(devices=[ctx.device] if cuda else []), torch.enable_grad(), \
-                torch.autocast(ctx.device.type, dtype, enabled):
-            torch.set_rng_state(ctx.rng[0])
-            if cuda:
-                torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
+        with replaying(ctx), torch.enable_grad():
             Recomputation.active = True
             try:
                 graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
@@ -196,12 +278,14 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
 
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
-                            offload_attention: bool = False, host_layers: int | None = None):
-    """Make every checkpointed decoder layer keep its input on the host (only the first host_layers layers', when
-    given: the others keep theirs on the GPU), with cuda_graphs (on a GPU) run as CUDA graphs (cuda_graphs.py),
-    with lean_recompute rerun without its last projection where the architecture allows (LLAMA_STYLE_MODEL_TYPES),
-    with offload_attention its attention kept on the host too where it can be (offloaded_attention.py); returns
-    how many layers, and the graphs' shared pool (None without graphs).
+                            offload_attention: bool = False, host_layers: int | None = None,
+                            recomputed_layers: int = 0):
+    """Make every checkpointed decoder layer keep its input on the host (only host_layers layers', when given: the
+    others keep theirs on the GPU), but recomputed_layers layers, whose input the backward makes again from the
+    layer before's (memory.layer_input_places says which); with cuda_graphs (on a GPU) run as CUDA graphs
+    (cuda_graphs.py), with lean_recompute rerun without its last projection where the architecture allows
+    (LLAMA_STYLE_MODEL_TYPES), with offload_attention its attention kept on the host too where it can be
+    (offloaded_attention.py); returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -209,7 +293,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    offloader = HostOffloader(host_layers)
+    offloader = HostOffloader()
     pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
     accumulate_stream = torch.cuda.Stream() if pool else None  # offloaded_attention.install_saver says why
 
@@ -227,9 +311,10 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
                                                                   saver)
             installed[module] = module._gradient_checkpointing_func
             mark_unread_in_recompute(module, lean)
-    offloader.layers = len(installed)
+    layers = len(installed)
+    offloader.places = layer_input_places(layers, layers if host_layers is None else host_layers, recomputed_layers)
     keep_through_reenabling(model, installed)
-    return len(installed), pool
+    return layers, pool
 
 
 def keep_through_reenabling(model, installed: dict) -> None:

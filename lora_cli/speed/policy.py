@@ -196,8 +196,10 @@ def choose_offloading(lay, row: dict, trained: list, rank: int, dropout: float, 
                       liger_norms: bool = True) -> MemoryChoice:
     """The levers that fit both the host memory (its share for each of this machine's processes) and the GPU
     (gpu_available; None: not checked). In order: all that the recipe allows; offload_attention off; the layer
-    inputs of only the first layers on the host, the rest on the GPU. LoraError when the host has room only for a
-    split the GPU cannot hold: a run that would pin more host memory than there is gets killed without a message.
+    inputs of only the first layers on the host, the rest on the GPU; where the GPU cannot hold the rest, the fewest
+    recomputed layer inputs (made again in the backward from the layer before's, memory.layer_input_places) that
+    let it. LoraError when even the most recomputed inputs leave the GPU more than it holds: a run that would pin
+    more host memory than there is gets killed without a message.
 
     lay, row, trained: memory.layout_and_trained and the plan's row of the method with checkpointing on."""
     arguments = (lay, row, trained, rank, dropout, tokens, speed, host, gpu_available, processes, liger_norms)
@@ -226,6 +228,9 @@ def fit_offloading(lay, row, trained, rank, dropout, tokens, speed, host, gpu_av
     def host_need(off):
         return plan(off)["host"]["total"]
 
+    def gpu_fits(off):
+        return gpu_available is None or plan(off)["gpu"]["device"] <= gpu_available
+
     available = f"{budget / GIB:.1f} available"
     choice = wanted
     if host_need(choice) > budget and choice.attention:
@@ -233,15 +238,32 @@ def fit_offloading(lay, row, trained, rank, dropout, tokens, speed, host, gpu_av
         choice = dataclasses.replace(choice, attention=False)
     if host_need(choice) > budget and choice.host_layers:
         all_layers = host_need(choice)
-        per_layer = (all_layers - host_need(dataclasses.replace(choice, host_layers=0))) // choice.host_layers
-        room = budget - host_need(dataclasses.replace(choice, host_layers=0))
-        kept = max(0, min(choice.host_layers, room // per_layer if per_layer else choice.host_layers))
-        reasons["offload_activations"] = (f"{kept} of {lay.layers} layer inputs on the host, the rest on the GPU "
-                                          f"(host memory: all need {all_layers / GIB:.1f} GiB, {available})")
-        choice = dataclasses.replace(choice, host_layers=kept)
+        without = host_need(dataclasses.replace(choice, host_layers=0))
+        per_layer = (all_layers - without) // choice.host_layers
+        room = max(0, (budget - without) // per_layer) if per_layer else choice.host_layers  # layer inputs it holds
+        choice = dataclasses.replace(choice, host_layers=min(choice.host_layers, room))
+        if not gpu_fits(choice):
+            # Nor the GPU the rest: the backward makes some inputs again from the layer before's, the fewest that fit.
+            for recomputed in range(1, lay.layers // 2 + 1):
+                choice = dataclasses.replace(choice, host_layers=min(lay.layers - recomputed, room),
+                                             recomputed_layers=recomputed)
+                if gpu_fits(choice):
+                    break
+        reasons["offload_activations"] = (f"{layer_inputs_placed(lay.layers, choice)} (host memory: all need "
+                                          f"{all_layers / GIB:.1f} GiB, {available})")
     chosen = MemoryChoice(choice, plan(choice), reasons)
     chosen.refused = gpu_available is not None and choice != wanted and chosen.plan["gpu"]["device"] > gpu_available
     return chosen
+
+
+def layer_inputs_placed(layers: int, off: Offloading) -> str:
+    """Where the layer inputs wait for the backward, in words: '27 of 32 layer inputs on the host, 1 recomputed in
+    the backward from the layer before, the rest on the GPU'."""
+    on_gpu = layers - off.host_layers - off.recomputed_layers
+    return ", ".join([f"{off.host_layers} of {layers} layer inputs on the host"]
+                     + ([f"{off.recomputed_layers} recomputed in the backward from the layer before"]
+                        if off.recomputed_layers else [])
+                     + (["the rest on the GPU"] if on_gpu else []))
 
 
 def host_budget(host: HostMemory, processes: int) -> int:
@@ -255,9 +277,12 @@ def memory_refusal(lay, row, trained, rank, dropout, tokens, speed, host, gpu_av
     fits = longest_fitting_tokens(lay, row, trained, rank, dropout, tokens, speed, host, gpu_available, processes,
                                   liger_norms)
     per_process = f" per process ({processes} on this machine)" if processes > 1 else ""
+    on_gpu = lay.layers - off.host_layers - off.recomputed_layers
+    recomputed = (f", {off.recomputed_layers} recomputed in the backward from the layer before (the most there can be)"
+                  if off.recomputed_layers else "")
     split = (f"with the inputs of {off.host_layers} of {lay.layers} layers in host memory (what "
-             f"{budget / GIB:.1f} GiB{per_process} of host memory holds: {HOST_HEADROOM:.0%} of {host.describe()}) "
-             f"the other {lay.layers - off.host_layers} stay on the GPU")
+             f"{budget / GIB:.1f} GiB{per_process} of host memory holds: {HOST_HEADROOM:.0%} of {host.describe()})"
+             f"{recomputed}" + (f" and the other {on_gpu} on the GPU" if on_gpu else ""))
     longest = (f"about {fits:,} tokens a step fit" if fits else "not even 1,024 tokens a step fit")
     return (f"{tokens:,} tokens a step need more memory than this machine has: {split}, and the step would need "
             f"about {gpu / GIB:.1f} GiB of GPU memory where {gpu_available / GIB:.1f} GiB are free; {longest}. "

@@ -55,11 +55,13 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     if tiles:
         trainer.add_callback(TileMLPs())  # after FuseGatedMLPs: the tiles run the fused MLP
     host_layers = chosen.host_layers if offload and chosen is not None else None
+    recomputed = chosen.recomputed_layers if offload and chosen is not None else 0
     # Graphs replay fixed shapes in one process: packed rows only where FixedShapePackedBatches can bound them (TRL's
     # packing keeps sequences within max_length), not DDP or DeepSpeed (their gradient hooks run inside the backward).
-    # Not with tiles, whose backward runs a backward of its own.
-    graphs = (offload and recipe.speed.cuda_graphs and not tiles and "cuda_graphs" not in architecture
-              and "cuda_graphs" not in off
+    # Not with tiles, whose backward runs a backward of its own, nor with recomputed layer inputs (a layer replaying
+    # a graph keeps its input: checkpointing.HostOffloader).
+    graphs = (offload and recipe.speed.cuda_graphs and not tiles and not recomputed
+              and "cuda_graphs" not in architecture and "cuda_graphs" not in off
               and (not packed or (args.packing and args.max_length)) and args.world_size == 1 and graphs_fit(trainer.model, recipe, args))
     if graphs and packed:
         trainer.data_collator = FixedShapePackedBatches(
@@ -68,7 +70,7 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     attention = (offloadable_attentions(trainer.model)
                  if offload and recipe.speed.offload_attention and (chosen is None or chosen.attention) else 0)
     if offload:
-        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers))
+        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers, recomputed))
     unsupported = fused_loss_unsupported(trainer) if recipe.speed.fused_loss and "fused_loss" not in off else ""
     fused_loss = unsupported is None
     if fused_loss:
@@ -155,14 +157,15 @@ class OffloadActivations(TrainerCallback):
     """Installs checkpointing.offloaded_checkpointing once the Trainer has turned checkpointing on (before step one), and
     drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
 
-    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool, host_layers: int | None):
+    def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool, host_layers: int | None,
+                 recomputed_layers: int):
         self.cuda_graphs, self.lean_recompute, self.offload_attention = cuda_graphs, lean_recompute, offload_attention
-        self.host_layers = host_layers
+        self.host_layers, self.recomputed_layers = host_layers, recomputed_layers
         self.pool = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention,
-                                               self.host_layers)
+                                               self.host_layers, self.recomputed_layers)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.pool is not None:
@@ -171,5 +174,6 @@ class OffloadActivations(TrainerCallback):
                 print(f"CUDA graphs: {sum(layer.replaying for layer in layers)} of {len(layers)} decoder layers "
                       "replayed", flush=True)
             offloaded_checkpointing(model, lean_recompute=self.lean_recompute,  # no graphs, should it train again
-                                    offload_attention=self.offload_attention, host_layers=self.host_layers)
+                                    offload_attention=self.offload_attention, host_layers=self.host_layers,
+                                    recomputed_layers=self.recomputed_layers)
             self.pool = None

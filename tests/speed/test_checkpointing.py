@@ -104,3 +104,135 @@ def test_offloaded_checkpointing_survives_trls_reference_passes(tiny_llama, devi
         assert not any(layer.gradient_checkpointing for layer in layers)
     assert [layer._gradient_checkpointing_func for layer in layers] == installed
     assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+# Recomputed layer inputs: stored nowhere, made again in the backward from the layer before's.
+
+@pytest.fixture(scope="module")
+def four_layer_llama(tiny_llama, tmp_path_factory):
+    """tiny_llama's shape with four decoder layers: room for two recomputed layer inputs (layers 1 and 3)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama)
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("four-layer-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def layer_forward_calls(model) -> list[int]:
+    """A counter of each decoder layer's forward runs (its MLP's: a hook on the layer itself is outside the
+    checkpoint and misses the reruns)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = []
+    for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+        index = len(calls)
+        calls.append(0)
+        layer.mlp.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    return calls
+
+
+def offloader_of(loss):
+    """The HostOffloader of the checkpointed layers behind a loss, found in its autograd graph (each
+    OffloadedCheckpoint node is its own ctx)."""
+    nodes, seen = [loss.grad_fn], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "offloader"):
+            return node.offloader
+        nodes += [next_node for next_node, _ in node.next_functions]
+    raise AssertionError("no offloaded checkpoint in the graph")
+
+
+def stored_and_recomputed(model, device, autocast=None):
+    """One training step's loss and gradients, with which layers' inputs were stored and which were left to be
+    recomputed (read from the offloader between the forward and the backward) and each layer's forward runs."""
+    torch.manual_seed(1)
+    ids = torch.randint(10, 1000, (2, 24), device=device)
+    model.zero_grad()
+    calls = layer_forward_calls(model)
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = model(input_ids=ids, labels=ids).loss
+    offloader = offloader_of(loss)
+    layers = len(offloader.places)
+    stored = sorted(key % layers for key in [*offloader.kept, *offloader.on_host])
+    recomputed = sorted(key % layers for key in offloader.recomputed)
+    loss.backward()
+    assert not (offloader.kept or offloader.on_host or offloader.prefetched or offloader.recomputed)
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    return (loss.item(), grads), stored, recomputed, calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("host_layers,recomputed", [(None, 1), (None, 2), (0, 2), (1, 2), (2, 1)])
+def test_recomputed_layer_inputs_match_checkpointing(four_layer_llama, device, host_layers, recomputed):
+    """Layers 3 (and 1) keep no input: their backward reruns layer 2 (and 0) from its input to make it. The same
+    loss and gradients as transformers' checkpointing, one more forward of each layer before a recomputed one, two
+    steps running; with the other inputs on the host, on the GPU or both."""
+    model = peft_model(four_layer_llama, device, True)
+    fuse_lora_layers(model)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    reference = loss_and_grads(model, device, autocast, checkpointing=True)
+    offloaded_checkpointing(model, host_layers=host_layers, recomputed_layers=recomputed)
+    dropped = [3, 1][:recomputed]
+    for _ in range(2):
+        result, stored, not_stored, calls = stored_and_recomputed(model, device, autocast)
+        assert_same(reference, result, 1e-5)
+        assert not_stored == sorted(dropped)
+        assert stored == [layer for layer in range(4) if layer not in dropped]
+        assert calls == [3 if layer + 1 in dropped else 2 for layer in range(4)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_layer_inputs_replay_dropout(four_layer_llama, device):
+    """The rerun of the layer before draws its forward's dropout masks again (its RNG state restored), so the input
+    it makes is the one the forward passed on."""
+    model = peft_model(four_layer_llama, device, dropout=0.3)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model, recomputed_layers=2)
+    result, _, recomputed, _ = stored_and_recomputed(model, device)
+    assert recomputed == [1, 3]
+    assert_same(reference, result, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("between", ["new tensor", "in place"])
+def test_an_input_that_is_not_the_layer_befores_output_is_kept(four_layer_llama, device, between):
+    """Where something runs between two layers (here: the hidden states doubled before layer 3, into a new tensor
+    or in place), rerunning the layer before would not give the input: it is kept, and gradients still match."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = peft_model(four_layer_llama, device)
+    fuse_lora_layers(model)
+    layer = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)][3]
+    double = (lambda hidden: hidden * 2) if between == "new tensor" else (lambda hidden: hidden.mul_(2))
+    layer.register_forward_pre_hook(lambda module, args: (double(args[0]), *args[1:]))
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model, recomputed_layers=2)
+    result, stored, recomputed, calls = stored_and_recomputed(model, device)
+    assert recomputed == [1] and stored == [0, 2, 3]
+    assert calls == [3, 2, 2, 2]
+    assert_same(reference, result, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recomputed_layer_inputs_with_lora_trains_long_sequence_levers(four_layer_llama, device):
+    """As lora train runs half a million tokens: QLoRA, the fused MLP in tiles, lean recomputation (whose rerun skips
+    down_proj, which the rerun of the layer before must not), one input on the host, one on the GPU, two recomputed."""
+    from lora_cli.speed.tiled_mlp import tile_mlps, untile_mlps
+
+    model = checkpointed_fused_model(four_layer_llama, device, quantized=True)
+    autocast = torch.bfloat16 if device == "cuda" else None
+    reference = loss_and_grads(model, device, autocast)
+    tile_mlps(model, 5)
+    offloaded_checkpointing(model, lean_recompute=True, host_layers=1, recomputed_layers=2)
+    result, stored, recomputed, calls = stored_and_recomputed(model, device, autocast)
+    untile_mlps(model)
+    assert (stored, recomputed, calls) == ([0, 2], [1, 3], [3, 2, 3, 2])
+    assert_same(reference, result, 1e-5)

@@ -1,6 +1,8 @@
 """GPU defaults decided from the memory plan: checkpointing off when bf16 LoRA fits, on for QLoRA; the levers that
 pin host memory chosen to fit it, or the run refused."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -8,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from lora_cli.adapters import lora_parameter_count
 from lora_cli.errors import LoraError
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import Offloading, format_memory_plan, layout_and_trained, memory_plan
+from lora_cli.memory import Offloading, format_memory_plan, layout_and_trained, lora_train_plan, memory_plan
 from lora_cli.recipe import LoraSection, SpeedSection
 from lora_cli.speed.policy import HOST_MEMORY_ENV, HostMemory, choose_checkpointing, choose_offloading, host_memory
 
@@ -120,24 +122,57 @@ def test_layer_inputs_split_between_host_and_gpu(llama8b, monkeypatch):
     assert choice.reasons["offload_activations"].startswith("18 of 32 layer inputs on the host")
 
 
+@pytest.mark.parametrize("tokens,host_gib,gpu_gib,host_layers,recomputed", [
+    (500_000, 120, 79.1, 27, 1),  # the goal: 120 GiB of host memory, an idle H100 80GB's free memory
+    (524_288, 120, 79.1, 25, 4),
+    (524_288, 64, 80, 13, 16),  # the most there can be: every other layer
+])
+def test_recomputed_layer_inputs_where_the_gpu_cannot_hold_the_rest(llama8b, monkeypatch, tokens, host_gib, gpu_gib,
+                                                                   host_layers, recomputed):
+    """Where the host holds only some layer inputs (3.8 GiB each at 500,000 tokens) and the GPU cannot hold the
+    rest (at 500,000 tokens the 5 left would need 82.5 GiB), the fewest layer inputs that let it are recomputed in
+    the backward from the layer before's: no memory on either side for them, so the GPU plan drops by exactly those
+    inputs."""
+    choice = choice_at(llama8b[0], tokens, host_gib * GIB, int(gpu_gib * GIB), monkeypatch)
+    chosen = choice.offloading
+    assert (chosen.host_layers, chosen.recomputed_layers, chosen.attention) == (host_layers, recomputed, False)
+    assert choice.plan["gpu"]["device"] <= gpu_gib * GIB and choice.plan["host"]["total"] <= 0.9 * host_gib * GIB
+    layer_input = tokens * 4096 * 2
+    assert choice.plan["gpu"]["layer_inputs"] == (32 - host_layers - recomputed) * layer_input
+    lay, trained, row = qlora_row_at(llama8b[0], tokens)
+    split_alone = lora_train_plan(lay, row, trained, 16, tokens, dataclasses.replace(chosen, recomputed_layers=0))
+    one_fewer = lora_train_plan(lay, row, trained, 16, tokens, dataclasses.replace(
+        chosen, recomputed_layers=recomputed - 1, host_layers=min(32 - recomputed + 1, host_layers)))
+    assert split_alone["gpu"]["peak"] - choice.plan["gpu"]["peak"] == recomputed * layer_input
+    assert split_alone["host"] == choice.plan["host"]
+    assert one_fewer["gpu"]["device"] > gpu_gib * GIB
+    on_gpu = ", the rest on the GPU" if host_layers + recomputed < 32 else ""
+    assert choice.reasons["offload_activations"].startswith(
+        f"{host_layers} of 32 layer inputs on the host, {recomputed} recomputed in the backward from the layer "
+        f"before{on_gpu} (host memory: all need ")
+
+
 def test_refused_before_loading_when_neither_memory_can_take_the_rest(llama8b, monkeypatch):
-    """524,288 tokens with 64 GiB of host memory and an 80 GB GPU: the split the host allows leaves more on the GPU
-    than it has: a LoraError with both memories' numbers, the longest length that fits and the settings to change."""
+    """524,288 tokens with 32 GiB of host memory and an 80 GB GPU: even with every other layer input recomputed, the
+    split the host allows leaves more on the GPU than it has: a LoraError with both memories' numbers, the longest
+    length that fits and the settings to change."""
     with pytest.raises(LoraError) as refused:
-        choice_at(llama8b[0], 524_288, 64 * GIB, monkeypatch=monkeypatch)
+        choice_at(llama8b[0], 524_288, 32 * GIB, monkeypatch=monkeypatch)
     message = str(refused.value)
     assert "\n" not in message
-    assert message.startswith("524,288 tokens a step need more memory than this machine has: with the inputs of 13 "
+    assert message.startswith("524,288 tokens a step need more memory than this machine has: with the inputs of 5 "
                               "of 32 layers in host memory")
-    assert "57.6 GiB of host memory" in message and "80.0 GiB are free" in message
+    assert ("16 recomputed in the backward from the layer before (the most there can be) and the other 11 on the GPU"
+            in message)
+    assert "28.8 GiB of host memory" in message and "80.0 GiB are free" in message
     for setting in ("training.max_length", "training.per_device_train_batch_size", HOST_MEMORY_ENV,
                     "speed.offload_activations: false"):
         assert setting in message
     fits = int(message.split("about ")[2].split(" tokens")[0].replace(",", ""))
     assert 65_536 < fits < 524_288
-    choice_at(llama8b[0], fits, 64 * GIB, monkeypatch=monkeypatch)  # the length it names trains
+    choice_at(llama8b[0], fits, 32 * GIB, monkeypatch=monkeypatch)  # the length it names trains
     with pytest.raises(LoraError):
-        choice_at(llama8b[0], fits + 1024, 64 * GIB, monkeypatch=monkeypatch)
+        choice_at(llama8b[0], fits + 1024, 32 * GIB, monkeypatch=monkeypatch)
 
 
 def test_the_recipe_keys_turn_levers_off(llama8b, monkeypatch):
