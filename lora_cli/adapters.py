@@ -3,6 +3,7 @@ the adapter's size. Shared by training, the memory plan and inspect-params; impo
 """
 
 from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
 from lora_cli.errors import LoraError
@@ -66,16 +67,19 @@ def lora_config(section, model):
 
 
 def lora_parameter_count(model, lora_section) -> int:
-    """r x (in + out) for every targeted linear layer: the adapter size, before PEFT wraps the model."""
-    targets = lora_section.target_modules
+    """r x (in + out) for every linear layer lora_config targets, matched as PEFT matches it (image-text models keep
+    the decoder layers' names out of the vision tower), and the experts: the adapter size, before PEFT wraps the
+    model."""
+    config = lora_config(lora_section, model)
+    if config.target_modules is None:
+        config.target_modules = DEFAULT_TARGETS[model.config.model_type]
+    output = model.get_output_embeddings()
     total = 0
     for name, module in model.named_modules():
-        in_features, out_features = getattr(module, "in_features", None), getattr(module, "out_features", None)
-        if in_features is None or name.endswith("lm_head"):
+        if not is_linear(module) or module is output:
             continue
-        last = name.split(".")[-1]
-        if targets == "all-linear" or (isinstance(targets, list) and last in targets):
-            total += lora_section.r * (in_features + out_features)
+        if config.target_modules == "all-linear" or check_target_module_exists(config, name):
+            total += lora_section.r * (module.in_features + module.out_features)
     if lora_section.target_experts:  # PEFT's ParamWrapper: A (r x experts, in), B (out, r x experts)
         _, layers = language_layers(model)
         for path in expert_parameters(model):

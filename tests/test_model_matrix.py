@@ -161,7 +161,7 @@ def test_moe_defaults_train(name, model_dirs, chats, tmp_path, capsys):
 def test_inspect_params_counts_what_peft_counts_on_the_real_model(name, model_dirs):
     from peft import get_peft_model
 
-    from lora_cli.adapters import lora_config
+    from lora_cli.adapters import lora_config, lora_parameter_count
     from lora_cli.inspect_params import inspect_params
     from lora_cli.models import load_model
     from lora_cli.recipe import LoraSection
@@ -169,8 +169,11 @@ def test_inspect_params_counts_what_peft_counts_on_the_real_model(name, model_di
     folder = model_dirs(name)
     report = inspect_params(str(folder), [4], target="all-linear")
     real = load_model(str(folder), torch.float32)
-    peft_model = get_peft_model(real, lora_config(LoraSection(r=4, target_modules="all-linear"), real))
+    section = LoraSection(r=4, target_modules="all-linear")
+    planned = lora_parameter_count(real, section)  # the memory policy's count, from the model before PEFT wraps it
+    peft_model = get_peft_model(real, lora_config(section, real))
     assert peft_model.get_nb_trainable_parameters() == (report["ranks"][0]["trainable"], report["ranks"][0]["all"])
+    assert planned == report["ranks"][0]["trainable"]
 
 
 @pytest.mark.parametrize("name", cases(["gemma3", "gemma4"]))
@@ -180,14 +183,17 @@ def test_named_modules_of_an_image_text_model_get_lora_in_its_language_model_onl
     from peft import get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from lora_cli.adapters import lora_config
+    from lora_cli.adapters import lora_config, lora_parameter_count
     from lora_cli.inspect_params import inspect_params
     from lora_cli.models import load_model
     from lora_cli.recipe import LoraSection
 
     folder = model_dirs(name)
     real = load_model(str(folder), torch.float32)
-    peft_model = get_peft_model(real, lora_config(LoraSection(r=4, target_modules=["q_proj", "v_proj"]), real))
+    section = LoraSection(r=4, target_modules=["q_proj", "v_proj"])
+    planned = lora_parameter_count(real, section)
+    peft_model = get_peft_model(real, lora_config(section, real))
+    assert planned == peft_model.get_nb_trainable_parameters()[0]  # the vision tower's q_proj and v_proj not counted
     wrapped = [n for n, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)]
     assert wrapped and all(".language_model.layers." in n for n in wrapped), wrapped
     row = inspect_params(str(folder), [4], target="q_proj,v_proj")["ranks"][0]
