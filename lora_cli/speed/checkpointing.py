@@ -7,7 +7,8 @@ layer to recompute back while the current one runs its backward. The rerun skips
 recomputation, recomputation.py), replays CUDA graphs (cuda_graphs.py) and keeps the attention's saved tensors
 instead of recomputing them (offloaded_attention.py) where those levers are on. Where neither memory has room for
 every layer input (half a million tokens), some are not kept at all: the backward makes them again from the layer
-before's (HostOffloader says how).
+before's (HostOffloader says how). An MoE layer's router logits come out of the checkpoint with their gradient, for
+the load-balancing loss (router_logits.py).
 
 Off with `speed.offload_activations: false`; tests/speed/test_checkpointing.py checks losses and gradients
 against transformers' checkpointing.
@@ -23,6 +24,7 @@ from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
 from lora_cli.speed.offloaded_attention import host_bytes, install_saver
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
+from lora_cli.speed.router_logits import RouterLogits, rerun_recording
 
 
 class HostOffloader:
@@ -221,12 +223,16 @@ def rerun_forward(ctx, hidden_states: torch.Tensor) -> torch.Tensor:
 class OffloadedCheckpoint(torch.autograd.Function):
     """Reentrant checkpointing of one decoder layer, its input kept on the host (as torch.utils.checkpoint with
     use_reentrant=True, which restores the RNG and autocast state the same way). transformers passes the hidden
-    states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient."""
+    states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient.
+
+    An MoE layer's router logits, where the model records them, are outputs too, after the layer's own
+    (router_logits.py): the load-balancing loss computed from them backpropagates through the rerun."""
 
     @staticmethod
-    def forward(ctx, run, offloader, graphs, saver, hidden_states, *args):
+    def forward(ctx, run, offloader, graphs, saver, router_logits, hidden_states, *args):
         ctx.run, ctx.offloader, ctx.graphs, ctx.args, ctx.device = run, offloader, graphs, args, hidden_states.device
         ctx.saver = saver
+        ctx.router_outputs = 0  # how many router logits follow the layer's output (set once it has run)
         ctx.input_requires_grad = hidden_states.requires_grad
         kind = hidden_states.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -239,10 +245,14 @@ class OffloadedCheckpoint(torch.autograd.Function):
             with torch.no_grad():
                 if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
                     return out
-                out = run(hidden_states, *args)
+                with router_logits.recording():
+                    out = run(hidden_states, *args)
             if plain:
                 offloader.offer_output(ctx, out)
-            return out
+            ctx.router_outputs = len(router_logits.logits)
+            if ctx.router_outputs:
+                ctx.set_materialize_grads(False)  # None, not zeros, for logits the loss does not read
+            return router_logits.function_outputs(out)
         finally:
             if saver is not None:
                 offloader.attach(ctx.key, saver.finish())
@@ -263,18 +273,20 @@ class OffloadedCheckpoint(torch.autograd.Function):
                     if saved is not None and saved.graph is not None:
                         saved.output = saved.take_output(ctx.device)
                         ctx.saver.replaying = saved
-                    outputs = ctx.run(hidden_states, *ctx.args)
+                    rerun_logits = []
+                    with rerun_recording(rerun_logits) if ctx.router_outputs else contextlib.nullcontext():
+                        outputs = ctx.run(hidden_states, *ctx.args)
             finally:
                 Recomputation.active = False
                 if saved is not None:
                     ctx.saver.replaying, saved.fetched = None, None
         if graphed:
-            return (None, None, None, None, grad_input if ctx.input_requires_grad else None)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            return (None, None, None, None, None, grad_input if ctx.input_requires_grad else None)
+        outputs = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *rerun_logits)
         pairs = [(out, grad) for out, grad in zip(outputs, grads)
                  if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return (None, None, None, None, hidden_states.grad, *(None for _ in ctx.args))
+        return (None, None, None, None, None, hidden_states.grad, *(None for _ in ctx.args))
 
 
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
@@ -299,7 +311,9 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
 
     def checkpoint_with(graphs, saver):
         def checkpoint(run, hidden_states, *args, **kwargs):
-            return OffloadedCheckpoint.apply(run, offloader, graphs, saver, hidden_states, *args)
+            router_logits = RouterLogits()
+            outputs = OffloadedCheckpoint.apply(run, offloader, graphs, saver, router_logits, hidden_states, *args)
+            return router_logits.layer_output(outputs)
         return checkpoint
 
     lean = lean_recompute and lean_recompute_supported(model)

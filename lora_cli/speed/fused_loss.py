@@ -106,10 +106,11 @@ ROUTER_LOSS = ("MoE: TRL adds the router's load-balancing loss, which this model
 
 
 def router_loss(causal_lm, backbone_outputs, attention_mask):
-    """The router's load-balancing loss from the backbone's router logits (asked for with output_router_logits), as
-    the model's CausalLM forward computes it: its module's load_balancing_loss_func with its num_experts and
-    num_experts_per_tok. Without an attention mask (TRL's padding-free rows) every token counts; there transformers
-    5.17's copy counts the experts with bincount, a read-back per MoE layer (later releases use histc), as in TRL's."""
+    """The router's load-balancing loss from the backbone's router logits (asked for with output_router_logits;
+    offloaded checkpointing passes on their gradient: router_logits.py), as the model's CausalLM forward computes
+    it: its module's load_balancing_loss_func with its num_experts and num_experts_per_tok. Without an attention mask
+    (TRL's padding-free rows) every token counts; there transformers 5.17's copy counts the experts with bincount, a
+    read-back per MoE layer (later releases use histc), as in TRL's."""
     load_balancing_loss = sys.modules[type(causal_lm).__module__].load_balancing_loss_func
     return load_balancing_loss(backbone_outputs.router_logits, causal_lm.num_experts, causal_lm.num_experts_per_tok,
                                attention_mask)

@@ -53,14 +53,14 @@ def checkpointed_fused_model(base_dir, device, quantized=False, dropout=0.0, fus
     return model
 
 
-def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False):
+def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False, **model_kwargs):
     torch.manual_seed(1)
     ids = torch.randint(10, 1000, (2, 24), device=device)
     if checkpointing:
         enable_checkpointing(model)
     model.zero_grad()
     with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **model_kwargs).loss
     loss.backward()
     grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
     return loss.item(), grads

@@ -1,12 +1,16 @@
 """Offloaded checkpointing and lean recomputation (lora_cli/speed/checkpointing.py, recomputation.py) against
 transformers' checkpointing: same loss, same gradients."""
 
+import functools
+
 import pytest
 import torch
 
 from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.lora_linear import fuse_lora_layers
-from lever_models import DEVICES, assert_same, checkpointed_fused_model, loss_and_grads, peft_model
+from lever_models import (DEVICES, assert_same, checkpointed_fused_model, enable_checkpointing, loss_and_grads,
+                          peft_model)
+from tiny_models import FAMILY
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -236,3 +240,95 @@ def test_recomputed_layer_inputs_with_lora_trains_long_sequence_levers(four_laye
     untile_mlps(model)
     assert (stored, recomputed, calls) == ([0, 2], [1, 3], [3, 2, 3, 2])
     assert_same(reference, result, 1e-5)
+
+
+# MoE: the router's load-balancing loss, from router logits the checkpointed layers record (router_logits.py).
+
+ROUTED = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """A saved tiny random MoE model of a family (tests/tiny_models.py) with its router logits asked for, as TRL asks
+    for them, and its load-balancing loss in the loss weighted 1 (Qwen3-MoE's and Mixtral's 0.001 would leave its
+    gradient within the tolerance)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    @functools.cache
+    def saved(name: str, layers: int = 2):
+        family = FAMILY[name]
+        config = AutoConfig.for_model(family.model_type, **{**family.config, "num_hidden_layers": layers},
+                                      vocab_size=1024, pad_token_id=0, output_router_logits=True,
+                                      router_aux_loss_coef=1.0)
+        torch.manual_seed(0)
+        out = tmp_path_factory.mktemp(f"{name}-{layers}")
+        AutoModelForCausalLM.from_config(config).save_pretrained(out)
+        return out
+
+    return saved
+
+
+def routed_model(base_dir, device):
+    """PEFT's all-linear: the attention projections (and on Qwen3-MoE and Mixtral the router and experts), so the
+    load-balancing loss reaches adapters through the hidden states, which the checkpoint's rerun recomputes."""
+    model = peft_model(base_dir, device)
+    fuse_lora_layers(model)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ROUTED)
+def test_router_loss_gradient_matches_checkpointing(tiny_moe_dir, device, name):
+    """The loss with the load-balancing loss, and every LoRA gradient, are transformers' checkpointing's (its
+    checkpoint, not reentrant, records router logits with autograd): the router logits the model returns carry the
+    gradient, two steps running."""
+    model = routed_model(tiny_moe_dir(name), device)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model)
+    ids = torch.randint(10, 1000, (1, 8), device=device)
+    outputs = model(input_ids=ids, labels=ids)
+    assert outputs.aux_loss.requires_grad and all(logits.requires_grad for logits in outputs.router_logits)
+    for _ in range(2):
+        assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("host_layers,recomputed", [(None, 2), (1, 1)])
+def test_router_loss_gradient_with_recomputed_layer_inputs(tiny_moe_dir, device, host_layers, recomputed):
+    """Layers whose input the backward makes again from the layer before's rerun (no autograd, no router logits
+    recorded) give the same loss and gradients: the router logits come from each layer's own forward and rerun."""
+    model = routed_model(tiny_moe_dir("qwen3_moe", layers=4), device)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model, host_layers=host_layers, recomputed_layers=recomputed)
+    dropped = [3, 1][:recomputed]
+    result, _, not_stored, calls = stored_and_recomputed(model, device)
+    assert not_stored == sorted(dropped)
+    assert calls == [3 if layer + 1 in dropped else 2 for layer in range(4)]
+    assert_same(reference, result, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_router_loss_gradient_with_offloaded_attention(tiny_moe_dir, device):
+    """With the attention kept on the host, not rerun, the rerun's router logits still carry the gradient."""
+    from lora_cli.speed.offloaded_attention import offloadable_attentions
+
+    model = routed_model(tiny_moe_dir("qwen3_moe"), device)
+    assert offloadable_attentions(model) == 2
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model, offload_attention=True)
+    assert_same(reference, loss_and_grads(model, device), 1e-5)
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["not-asked", "asked-in-the-call"])
+def test_router_logits_asked_for_in_the_call(tiny_moe_dir, asked):
+    """With the config not asking for router logits the model records none and the loss is the LM loss alone; asked
+    for in the call instead (no config), they carry the gradient too: the same loss and gradients as transformers'
+    checkpointing either way."""
+    model = routed_model(tiny_moe_dir("qwen3_moe"), "cpu")
+    model.get_base_model().config.output_router_logits = False
+    reference = loss_and_grads(model, "cpu", checkpointing=True, output_router_logits=asked)
+    offloaded_checkpointing(model)
+    ids = torch.randint(10, 1000, (1, 8))
+    outputs = model(input_ids=ids, labels=ids, output_router_logits=asked)
+    assert (outputs.router_logits is not None) == asked and (outputs.aux_loss is not None) == asked
+    assert_same(reference, loss_and_grads(model, "cpu", output_router_logits=asked), 1e-5)
