@@ -14,8 +14,8 @@ output, brought back one layer ahead (checkpointing.HostOffloader), and its back
 whose tensors come back on the side stream while the layer's MLP reruns. The graph is the libraries' own (the fused LoRA layers,
 Liger's or transformers' RoPE, SDPA or varlen attention), so the gradients are the ones recomputation gives.
 
-A layer keeps a saved forward per call signature and its pinned host buffers, shared by size, reused every step,
-so CUDA graphs (cuda_graphs.py) capture the copies as well. Used where lora_linear.py fuses all four projections
+A layer keeps a saved forward per call signature and its pinned host buffers, shared, reused every step, so
+CUDA graphs (cuda_graphs.py) capture the copies as well. Used where lora_linear.py fuses all four projections
 (PEFT's 4-bit path keeps its input outside the hooks' reach) and nothing in the attention draws random numbers (LoRA
 dropout 0: the rerun would skip the draws and shift the MLP's dropout masks); other layers recompute as before.
 tests/speed/test_offloaded_attention.py checks loss and gradients against recomputation.
@@ -130,13 +130,15 @@ class SavedForward:
 
     def _copy_out(self, index, storage) -> torch.Tensor:
         device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-        host = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
-        if host is None or host.numel() != device_bytes.numel():
-            if self.frozen:
+        before = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
+        if self.frozen:  # the CUDA graph copies to the addresses it captured
+            if before is None or before.numel() != device_bytes.numel():
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
+            host = before
+        else:
             host = self.host_buffer(index, device_bytes.numel())
-            if index is not None:
-                self.hosts[index:index + 1] = [host]
+        if index is not None:
+            self.hosts[index:index + 1] = [host]
         # Held until the copies end: also keeps its address from being reused by a later saved tensor meanwhile.
         self.pending.append(device_bytes)
         if self.stream is None:
@@ -216,6 +218,8 @@ class SavedForward:
         self._wait_loaded()  # joins the side stream even when nothing was read from it
         grad_input = self.input_grad
         self.loaded, self.replay_input, self.input_grad, self.output_grad, self.output = [], None, None, None, None
+        if not self.frozen:  # views of the saver's buffers: held, they would keep a buffer it has since grown
+            self.hosts, self.output_host = [], None
         return grad_input
 
 
@@ -260,16 +264,20 @@ class AttentionSaver:
     """The saved forwards of one attention module, one per layer call signature (cuda_graphs.call_signature), and the
     pinned host buffers they use.
 
-    The buffers are shared by size: packed rows change their sequence count from batch to batch, so their calls
-    have several signatures but save tensors of the same sizes, and a buffer set per signature pinned another few
-    GB of host memory each time (measured: packed QLoRA fell from 97% to 64% of the fixed-length rate). Sharing is
-    safe: a layer has one forward at a time waiting for its backward."""
+    The buffers are shared by every signature, one a saved storage's place, grown (never shrunk) to the most bytes
+    saved there: packed rows change their sequence count from batch to batch, so their calls have several
+    signatures, and a buffer set per signature pinned another few GB of host memory each time (measured: packed
+    QLoRA fell from 97% to 64% of the fixed-length rate). Packed long documents also change the row's length (TRL
+    packs whole documents into at most max_length tokens), and buffers of each exact size were pinned anew every
+    step: at 32,768 tokens of the Llama-3.1-8B shape packed documents ran at 21% of the fixed-length rate with 78 GiB
+    of host memory against 39 (row 2026-12-07-h100-af9fe47 of benchmarks/results/results.csv), before buffers grew
+    instead. Sharing is safe: a layer has one forward at a time waiting for its backward."""
 
     def __init__(self, stream):
         self.stream = stream
         self.forwards: collections.OrderedDict = collections.OrderedDict()
         self.captured: set = set()  # signatures whose forward a CUDA graph captured: kept
-        self.buffers: dict = {}  # (place, bytes) -> pinned host buffer
+        self.buffers: dict = {}  # place -> pinned host buffer
         self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
         self.replaying: SavedForward | None = None  # the saved forward the rerun replays
         self.accumulators: list = []  # the adapters' AccumulateGrad nodes, held (install_saver says why)
@@ -323,22 +331,24 @@ class AttentionSaver:
         return outputs
 
     def host_buffer(self, place, count: int) -> torch.Tensor:
-        """The pinned buffer for the place-th saved storage (None: the output) of count bytes."""
-        if (place, count) not in self.buffers:
-            if capturing_now():
+        """count bytes of the pinned buffer for the place-th saved storage (None: the output)."""
+        buffer = self.buffers.get(place)
+        if buffer is None or buffer.numel() < count:
+            if capturing_now() or (buffer is not None and self.captured):  # a graph copies to the buffers' addresses
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
-            self.buffers[(place, count)] = host_bytes(count, pinned=self.stream is not None)
-        return self.buffers[(place, count)]
+            if buffer is not None and self.stream is not None:  # the last step's copies may still read it
+                torch.cuda.current_stream().synchronize()
+                self.stream.synchronize()
+            buffer = self.buffers[place] = host_bytes(count, pinned=self.stream is not None)
+        return buffer[:count]
 
     def _evict(self) -> None:
-        """Eager runs of many shapes (padded batches without graphs) keep a few, and the buffers they use."""
+        """Eager runs of many shapes (padded batches without graphs) keep a few."""
         while len(self.forwards) > MAX_SHAPES + 1:
             stale = next((key for key in self.forwards if key not in self.captured), None)
             if stale is None:
                 break
             del self.forwards[stale]
-        used = {id(host) for saved in self.forwards.values() for host in [*saved.hosts, saved.output_host]}
-        self.buffers = {place: host for place, host in self.buffers.items() if id(host) in used}
 
 
 def offloaded_attention_forward(self, hidden_states, *args, **kwargs):

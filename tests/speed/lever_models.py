@@ -53,9 +53,9 @@ def checkpointed_fused_model(base_dir, device, quantized=False, dropout=0.0, fus
     return model
 
 
-def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False, **model_kwargs):
+def loss_and_grads(model, device, autocast_dtype=None, checkpointing=False, length=24, **model_kwargs):
     torch.manual_seed(1)
-    ids = torch.randint(10, 1000, (2, 24), device=device)
+    ids = torch.randint(10, 1000, (2, length), device=device)
     if checkpointing:
         enable_checkpointing(model)
     model.zero_grad()

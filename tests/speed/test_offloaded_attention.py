@@ -39,3 +39,23 @@ def test_offloaded_attention_gives_the_recomputed_gradients(tiny_llama, device, 
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         base = getattr(attention, name).get_base_layer()
         assert (recomputed_weights.count(base), kept_weights.count(base)) == (3, 2), name
+
+
+def test_rows_of_changing_length_grow_the_host_buffers_once(tiny_llama):
+    """Packed long documents change the row's length from step to step: each layer's host buffers grow to the
+    longest row and shorter rows use them (buffers of each exact size were pinned anew every step), with the
+    gradients of recomputation."""
+    from lora_cli.speed.offloaded_attention import attention_of
+
+    model = checkpointed_fused_model(tiny_llama, "cpu", False)
+    lengths = (24, 16, 24, 20)
+    offloaded_checkpointing(model, lean_recompute=True)
+    recomputed = [loss_and_grads(model, "cpu", length=length) for length in lengths]
+    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True)
+    savers = [attention_of(layer).attention_saver for layer in model.get_base_model().model.layers]
+    buffers = []
+    for length, reference in zip(lengths, recomputed):
+        assert_same(reference, loss_and_grads(model, "cpu", length=length), 0.0)
+        buffers.append([{place: buffer.data_ptr() for place, buffer in saver.buffers.items()} for saver in savers])
+    assert all(step == buffers[0] for step in buffers)  # made by the longest row, the first
+    assert len(buffers[0][0]) > 1
