@@ -269,9 +269,10 @@ class AttentionSaver:
     signatures, and a buffer set per signature pinned another few GB of host memory each time (measured: packed
     QLoRA fell from 97% to 64% of the fixed-length rate). Packed long documents also change the row's length (TRL
     packs whole documents into at most max_length tokens), and buffers of each exact size were pinned anew every
-    step: at 32,768 tokens of the Llama-3.1-8B shape packed documents ran at 21% of the fixed-length rate with 78 GiB
-    of host memory against 39 (row 2026-12-07-h100-af9fe47 of benchmarks/results/results.csv), before buffers grew
-    instead. Sharing is safe: a layer has one forward at a time waiting for its backward."""
+    step: the likely cause of packed documents running at 21% of the fixed-length rate with 78 GiB of host memory
+    against 39, at 32,768 tokens of the Llama-3.1-8B shape (row 2026-12-07-h100-af9fe47 of
+    benchmarks/results/results.csv; the grown buffers are not measured there yet). Sharing is safe: a layer has one
+    forward at a time waiting for its backward."""
 
     def __init__(self, stream):
         self.stream = stream
