@@ -349,6 +349,12 @@ TILED_MLP_TOKENS = 8192  # tokens per tile of speed/tiled_mlp.py: 224 MiB per in
 # gradient at their product) would take more than this.
 TILED_MLP_FROM_BYTES = 2 * GIB
 LOSS_CHUNK_BYTES = GIB  # speed/fused_loss.py: the most its logits chunk takes (rows x vocabulary x 2 bytes)
+# Hidden-wide bf16 tensors a layer's attention backward holds beyond the terms lora_train_gpu_bytes names: measured,
+# not yet traced. The Llama-3.1-8B shape cut to 8 layers, QLoRA, 524,288 tokens, attention recomputed, tiled MLP
+# (H100, 2026-12-07, commit af9fe47, row 2026-12-07-h100-af9fe47-2): 66.36 GiB allocated at the peak against the
+# named terms' 54.41, 3 tensors of 4 GiB. `BENCH_MEMORY=1 python benchmarks/speed.py --modes qlora --seq-lens 524288
+# --batch-size 1 --steps 1 --layers 2` prints what is alive at the peak.
+UNTRACED_ATTENTION_BACKWARD = 3
 
 
 @dataclass(frozen=True)
@@ -439,7 +445,7 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
                       intermediates (for the whole sequence, or one tile with speed.tiled_mlp);
       attention half: the gradient at the attention output and the flash backward's dq, dk, dv, fp32 dq
                       accumulator and softmax sums (dk and dv for every query head first, under grouped-query
-                      attention).
+                      attention), and what a measurement found beyond these (UNTRACED_ATTENTION_BACKWARD).
     End of forward: the last hidden states, the final norm's output, the gradient the loss computes in its
     forward, and one chunk of logits (loss_chunk_rows).
     No L x L mask: unpadded rows give SDPA none (is_causal), packed rows none on the varlen path (speed/varlen.py);
@@ -465,7 +471,8 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
     mlp = (tokens * (norm_bytes * h + 2 * c * h) + mlp_intermediate_bytes(lay, tile) + dequantized
            + (2 * tile * c * h if off.tiled_mlp else 0))  # a tile's input gradient and output
     gqa = 2 * c * lay.q_dim if lay.kv_heads < lay.heads else 0
-    attention = tokens * (c * lay.q_dim + c * (lay.q_dim + 2 * lay.kv_dim) + gqa + 4 * lay.q_dim + 4 * lay.heads)
+    attention = tokens * (c * lay.q_dim + c * (lay.q_dim + 2 * lay.kv_dim) + gqa + 4 * lay.q_dim + 4 * lay.heads
+                          + UNTRACED_ATTENTION_BACKWARD * c * h)
     loss = tokens * (3 * c * h + 8) + loss_chunk_rows(lay.vocab, h, tokens) * lay.vocab * c
     moments = {"backward of a layer: MLP": kept + rerun + mlp, "backward of a layer: attention": kept + rerun + attention,
                "end of forward (loss)": kept + loss}
