@@ -58,8 +58,11 @@ STRUCTURAL = ("lora.r", "lora.target_modules", "lora.use_dora", "lora.modules_to
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
-    """Every checkpoint-N folder, complete or not, in step order."""
-    found = [p for p in Path(folder).glob(PREFIX + "*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    """Every checkpoint-N folder, complete or not, in step order (none where the folder went away while listed)."""
+    try:
+        found = [p for p in Path(folder).glob(PREFIX + "*") if p.is_dir() and p.name[len(PREFIX):].isdigit()]
+    except FileNotFoundError:  # Python 3.11's glob checks that the folder is there, then lists it
+        return []
     return sorted(found, key=step_of)
 
 
