@@ -12,9 +12,10 @@ convolutions). Left out, and why:
 - The vision tower of an image-text model: text data never runs it.
 - Modules PEFT refuses on an architecture (the Mamba `out_proj` of Falcon-H1).
 - On the MoE families whose transformers-4 checkpoints had one Linear per expert (Qwen3-MoE, Qwen3-Next, DeepSeek-V3,
-  GLM-4-MoE, Mixtral), PEFT 0.21 reads the names gate_proj, up_proj and down_proj as those experts' and moves them to
-  the experts' 3-D weights wherever they appear (huggingface/peft#3711), so the shared experts' and dense layers'
-  projections of those names cannot get an adapter of their own: they are left out too.
+  GLM-4-MoE, Mixtral), PEFT reads the names gate_proj, up_proj and down_proj as those experts' wherever they appear
+  (huggingface/peft#3711): 0.21 moves them to the experts' 3-D weights, 0.22 adds those weights to them (through
+  its ParamWrapper, which refuses dropout). So the shared experts' and dense layers' projections of those names
+  cannot get an adapter of their own: they are left out too.
 When nothing is left out, PEFT gets "all-linear" itself; otherwise a regex over the kept modules' paths.
 
 Named modules (lora.target_modules: [q_proj, v_proj]) on an image-text model: PEFT matches a name in the vision and
@@ -101,20 +102,26 @@ def peft_refuses(model, leaf: str) -> bool:
 
 
 def taken_for_experts(model, leaves) -> set[str]:
-    """The names that PEFT's conversion for transformers-5 MoE layouts turns into the experts' weights (its docstring,
-    module docstring above); an empty set for every other architecture."""
+    """The names that PEFT's conversion for transformers-5 MoE layouts reads as the experts' weights (module
+    docstring above): PEFT 0.21 moves them there, 0.22 also adds the experts' weights to them. Each name is probed
+    alone, since a fused pair (gate_proj and up_proj) is converted together. An empty set for other architectures."""
     from peft import LoraConfig
 
     try:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:  # transformers 4: nothing is converted
         return set()
-    probe = LoraConfig(target_modules=set(leaves))
-    try:
-        convert_peft_config_for_transformers(probe, model, None)
-    except ValueError:  # a fused pair named in part: PEFT refuses it later with its own message
-        return set()
-    return set(leaves) - set(probe.target_modules or ())
+    taken = set()
+    for leaf in leaves:
+        probe = LoraConfig(target_modules={leaf})
+        try:
+            convert_peft_config_for_transformers(probe, model, None)
+        except ValueError:  # half of a fused pair: PEFT reads it as the experts' too
+            taken.add(leaf)
+            continue
+        if leaf not in set(probe.target_modules or ()) or probe.target_parameters:
+            taken.add(leaf)
+    return taken
 
 
 def peft_converts_experts(model) -> bool:
@@ -162,12 +169,12 @@ def language_model_targets(model, names: list[str]):
 
 
 def check_named_targets(model, names: list[str]) -> None:
-    """LoraError for module names that PEFT would move to the experts (see the module docstring)."""
+    """LoraError for module names that PEFT reads as the experts' (see the module docstring)."""
     leaves = {path.rpartition(".")[2] for path in layer_linears(model)}
     taken = sorted(taken_for_experts(model, [n for n in names if n in leaves]))
     if taken:
         raise LoraError(
-            f"lora.target_modules: on the {model.config.model_type} model, PEFT 0.21 takes {', '.join(taken)} for "
+            f"lora.target_modules: on the {model.config.model_type} model, PEFT reads {', '.join(taken)} as "
             "the routed experts' weights (its conversion of transformers-4 MoE adapters, huggingface/peft#3711), "
             "so the shared experts' and dense layers' modules of that name cannot be trained on their own. Leave "
             f"{'it' if len(taken) == 1 else 'them'} out, or set lora.target_experts: true to train the experts."
