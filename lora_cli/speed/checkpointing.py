@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 
 from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
-from lora_cli.speed.offloaded_attention import host_bytes, install_saver
+from lora_cli.speed.offloaded_attention import grown_host_buffer, install_saver
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
 from lora_cli.speed.router_logits import RouterLogits, rerun_recording
 
@@ -44,7 +44,7 @@ class HostOffloader:
     architecture may do something between its layers) and neither layer replays CUDA graphs or keeps its attention
     (offloaded_attention.py): otherwise the input is kept where it is.
 
-    Host buffers of the exact size, one per layer, reused every step (offloaded_attention.host_bytes): torch's
+    Host buffers of the exact size, one per layer, reused every step (offloaded_attention.grown_host_buffer): torch's
     caching host allocator rounds every pinned block up to a power of two, which at 500,000 tokens of the
     Llama-3.1-8B shape (3.8 GiB a layer input) would pin 8 GiB a layer.
 
@@ -127,14 +127,8 @@ class HostOffloader:
 
     def _host_buffer(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
         """The layer's pinned buffer, grown (never shrunk) to the tensor's size, viewed as the tensor."""
-        count = tensor.numel() * tensor.element_size()
-        buffer = self.buffers.get(layer)
-        if buffer is None or buffer.numel() < count:
-            if buffer is not None:  # copies from the old buffer may still run
-                torch.cuda.current_stream().synchronize()
-                self.stream.synchronize()
-            buffer = self.buffers[layer] = host_bytes(count, pinned=True)
-        return buffer[:count].view(tensor.dtype).view(tensor.shape)
+        buffer = grown_host_buffer(self.buffers, layer, tensor.numel() * tensor.element_size(), self.stream)
+        return buffer.view(tensor.dtype).view(tensor.shape)
 
     def take_attached(self, key: int):
         return self.attached.pop(key, None)

@@ -223,6 +223,19 @@ class SavedForward:
         return grad_input
 
 
+def grown_host_buffer(buffers: dict, key, count: int, stream) -> torch.Tensor:
+    """count bytes of buffers[key], a host buffer grown (never shrunk) to the most bytes asked of it, so that steps
+    of changing lengths reuse it; pinned where a side stream copies to and from it, whose copies from the old
+    buffer end before it goes."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < count:
+        if buffer is not None and stream is not None:
+            torch.cuda.current_stream().synchronize()
+            stream.synchronize()
+        buffer = buffers[key] = host_bytes(count, pinned=stream is not None)
+    return buffer[:count]
+
+
 def host_bytes(count: int, pinned: bool) -> torch.Tensor:
     """Host memory for saved tensors, pinned outside torch's caching host allocator: a copy into memory of that
     allocator records an event, which the allocator later queries, also from the DataLoader's pin-memory thread;
@@ -337,11 +350,7 @@ class AttentionSaver:
         if buffer is None or buffer.numel() < count:
             if capturing_now() or (buffer is not None and self.captured):  # a graph copies to the buffers' addresses
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
-            if buffer is not None and self.stream is not None:  # the last step's copies may still read it
-                torch.cuda.current_stream().synchronize()
-                self.stream.synchronize()
-            buffer = self.buffers[place] = host_bytes(count, pinned=self.stream is not None)
-        return buffer[:count]
+        return grown_host_buffer(self.buffers, place, count, self.stream)
 
     def _evict(self) -> None:
         """Eager runs of many shapes (padded batches without graphs) keep a few."""
