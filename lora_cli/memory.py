@@ -354,7 +354,8 @@ LOSS_CHUNK_BYTES = GIB  # speed/fused_loss.py: the most its logits chunk takes (
 # recomputed, tiled MLP (H100, 2026-12-07, commit af9fe47, row 2026-12-07-h100-af9fe47-2): 66.36 GiB allocated at
 # the peak against the named terms' 54.41, a gap of 3 such tensors (4 GiB each there). `BENCH_MEMORY=1 python
 # benchmarks/speed.py --modes qlora --seq-lens 524288 --batch-size 1 --steps 1 --layers 2` prints what is alive at
-# the peak.
+# the peak. That run's graph also held the embedding output the whole step (one such tensor, not in the named
+# terms), which speed/checkpointing.py's input_of_first_layer now lets go; the gap stays 3 until measured again.
 UNTRACED_ATTENTION_BACKWARD = 3
 
 

@@ -220,10 +220,13 @@ class OffloadedCheckpoint(torch.autograd.Function):
     states as the only positional tensor; the other inputs (masks, rotary tables) need no gradient.
 
     An MoE layer's router logits, where the model records them, are outputs too, after the layer's own
-    (router_logits.py): the load-balancing loss computed from them backpropagates through the rerun."""
+    (router_logits.py): the load-balancing loss computed from them backpropagates through the rerun.
+
+    anchor: an empty tensor that requires grad, so that the outputs do (and the backward runs, for the layer's
+    adapters) also where the input does not: the first layer's, cut from the embedding (input_of_first_layer)."""
 
     @staticmethod
-    def forward(ctx, run, offloader, graphs, saver, router_logits, hidden_states, *args):
+    def forward(ctx, run, offloader, graphs, saver, router_logits, anchor, hidden_states, *args):
         ctx.run, ctx.offloader, ctx.graphs, ctx.args, ctx.device = run, offloader, graphs, args, hidden_states.device
         ctx.saver = saver
         ctx.router_outputs = 0  # how many router logits follow the layer's output (set once it has run)
@@ -275,12 +278,23 @@ class OffloadedCheckpoint(torch.autograd.Function):
                 if saved is not None:
                     ctx.saver.replaying, saved.fetched = None, None
         if graphed:
-            return (None, None, None, None, None, grad_input if ctx.input_requires_grad else None)
+            return (None, None, None, None, None, None, grad_input if ctx.input_requires_grad else None)
         outputs = (*(outputs if isinstance(outputs, tuple) else (outputs,)), *rerun_logits)
         pairs = [(out, grad) for out, grad in zip(outputs, grads)
                  if isinstance(out, torch.Tensor) and out.requires_grad and grad is not None]
         torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
-        return (None, None, None, None, None, hidden_states.grad, *(None for _ in ctx.args))
+        return (None, None, None, None, None, None, hidden_states.grad, *(None for _ in ctx.args))
+
+
+def input_of_first_layer(hidden_states: torch.Tensor) -> torch.Tensor:
+    """The layer's input, detached where it is the leaf that the input embedding's hook made require grad
+    (transformers' and PEFT's enable_input_require_grads, which torch's reentrant checkpointing needs): its gradient
+    reaches no weight, and the autograd graph's reference to it kept the embedding output on the GPU the whole step,
+    and its gradient from the first layer's backward on: a hidden-wide tensor each (4 GiB at 524,288 tokens of the
+    Llama-3.1-8B shape). Where the embedding itself trains, its output is no leaf and stays as it is."""
+    if hidden_states.requires_grad and hidden_states.grad_fn is None:
+        return hidden_states.detach()
+    return hidden_states
 
 
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
@@ -306,7 +320,9 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     def checkpoint_with(graphs, saver):
         def checkpoint(run, hidden_states, *args, **kwargs):
             router_logits = RouterLogits()
-            outputs = OffloadedCheckpoint.apply(run, offloader, graphs, saver, router_logits, hidden_states, *args)
+            anchor = hidden_states.new_empty(0).requires_grad_()
+            outputs = OffloadedCheckpoint.apply(run, offloader, graphs, saver, router_logits, anchor,
+                                                input_of_first_layer(hidden_states), *args)
             return router_logits.layer_output(outputs)
         return checkpoint
 

@@ -61,16 +61,18 @@ class Exit(torch.autograd.Function):
 
 
 class AttentionReplay(torch.autograd.Function):
-    """The attention module in the rerun: its saved output, and as backward, its saved graph's."""
+    """The attention module in the rerun: its saved output, and as backward, its saved graph's. anchor: an empty
+    tensor that requires grad, so that the adapters' gradients flow also where the input needs none (the first
+    layer's: checkpointing.input_of_first_layer)."""
 
     @staticmethod
-    def forward(ctx, hidden, saved):
+    def forward(ctx, hidden, anchor, saved):
         ctx.saved = saved
         return saved.output.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.saved.backward(grad), None
+        return ctx.saved.backward(grad), None, None
 
 
 class SavedForward:
@@ -194,7 +196,7 @@ class SavedForward:
                     device_bytes.copy_(host, non_blocking=True)
                 self.loaded_ready = torch.cuda.Event()
                 self.loaded_ready.record()
-        return AttentionReplay.apply(hidden, self)
+        return AttentionReplay.apply(hidden, hidden.new_empty(0).requires_grad_(), self)
 
     def _unpack(self, packed):
         kind, *rest = packed

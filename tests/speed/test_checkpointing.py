@@ -2,6 +2,7 @@
 transformers' checkpointing: same loss, same gradients."""
 
 import functools
+import weakref
 
 import pytest
 import torch
@@ -84,10 +85,33 @@ def test_lean_recompute_skips_down_proj_with_the_same_gradients(tiny_llama, devi
     tokens = 2 * 24  # loss_and_grads' batch
     down_proj = 2 * tokens * config.intermediate_size * config.hidden_size
     assert full_flops - lean_flops == config.num_hidden_layers * down_proj
-    # forward, rerun, backward; the fused MLP's backward reuses the rerun's dequantized gate and up weights
+    # forward, rerun, backward; the fused MLP's backward reuses the rerun's dequantized gate and up weights; the first
+    # layer's q, k and v compute no input gradient in the backward (the embedding output needs none)
     kept = 2 if quantized and fused_mlp else 0
-    assert full_weights == (3 * 7 - kept) * config.num_hidden_layers
+    assert full_weights == (3 * 7 - kept) * config.num_hidden_layers - 3
     assert full_weights - lean_weights == config.num_hidden_layers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_embedding_output_is_let_go_after_the_forward(tiny_llama, device):
+    """enable_input_require_grads makes the embedding output a leaf that requires grad; the step's graph no longer
+    holds it (nor gives it a gradient) through the backward, and the adapters' gradients are checkpointing's."""
+    model = peft_model(tiny_llama, device)
+    fuse_lora_layers(model)
+    reference = loss_and_grads(model, device, checkpointing=True)
+    offloaded_checkpointing(model)
+    made = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: made.append(output))
+    torch.manual_seed(1)
+    ids = torch.randint(10, 1000, (2, 24), device=device)
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    hook.remove()
+    embedding_output = weakref.ref(made.pop())
+    assert embedding_output() is None
+    loss.backward()
+    grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert_same(reference, (loss.item(), grads), 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
