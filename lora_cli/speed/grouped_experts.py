@@ -74,6 +74,14 @@ def low_rank(x, wrapper, adapter: str, offsets):
     return _grouped_linear(_grouped_linear(x, a, offsets), b, offsets) * wrapper.scaling[adapter]
 
 
+def rows_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many rows each expert receives. histc, as transformers' grouped_mm path counts them: bincount on a GPU
+    reads the largest id back to the host to size its output: the host waited for the GPU in every call of an MoE
+    layer's experts (forward and rerun). histc takes floats on the CPU and integers on a GPU."""
+    ids = expert_ids.int() if expert_ids.is_cuda else expert_ids.float()
+    return torch.histc(ids, bins=num_experts, min=0, max=num_experts - 1)
+
+
 def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
     """Replaces the outermost ParamWrapper's forward while training: transformers' grouped_mm experts forward with
     the adapters added after each base product."""
@@ -89,8 +97,7 @@ def grouped_lora_forward(self, hidden_states, top_k_index, top_k_weights, *args,
     expert_ids, order = torch.sort(top_k_index.reshape(-1))
     rows = hidden_states[order // num_top_k]
     weights = top_k_weights.reshape(-1)[order]
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    offsets = torch.cumsum(rows_per_expert(expert_ids, experts.num_experts), dim=0, dtype=torch.int32)
 
     def project(x, name: str):
         bias = getattr(experts, f"{name}_bias")[expert_ids] if experts.has_bias else None

@@ -79,3 +79,24 @@ def test_the_saved_adapter_is_the_same_with_the_lever(tmp_path):
     group_expert_adapters(model)
     after = get_peft_model_state_dict(model)
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waiting for the GPU is a GPU matter")
+def test_the_grouped_forward_never_waits_for_the_gpu():
+    """bincount read the largest expert id back to the host in every call of an MoE layer's experts (forward and
+    rerun)."""
+    from lora_cli.speed.grouped_experts import wrapped_experts
+
+    model = tiny_moe("qwen3_moe", "cuda")
+    group_expert_adapters(model)
+    experts = wrapped_experts(model)[0]
+    tokens, top_k = 24, model.config.num_experts_per_tok
+    hidden = torch.randn(tokens, model.config.hidden_size, device="cuda")
+    top_k_index = torch.randint(0, model.config.num_experts, (tokens, top_k), device="cuda")
+    top_k_weights = torch.rand(tokens, top_k, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        experts(hidden, top_k_index, top_k_weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
