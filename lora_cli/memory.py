@@ -442,7 +442,8 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
     and the next one already coming; or, for a recomputed input, made by a no-grad forward of the layer before from
     that layer's input, which it holds until its own backward: a forward's working set, less than a backward's),
     the attention's input (the norm's output) and saved tensors (q, k, v, output, log-sum-exp; back from the host
-    or recomputed); then
+    or recomputed) and, with offload_attention, the attention module's output (held until its backward) and the
+    next layer's, already coming; then
       MLP half:       the post-attention norm's saved input, the MLP's input and the gradient at it, and the MLP's
                       intermediates (for the whole sequence, or one tile with speed.tiled_mlp);
       attention half: the gradient at the attention output and the flash backward's dq, dk, dv, fp32 dq
@@ -460,9 +461,10 @@ def lora_train_gpu_bytes(lay: Layout, row: dict, trained: list[LayerModule], ran
     kept = static + gpu_inputs + tokens * 2 * lay.head_dim * c + tokens * 3 * 8 + CUBLAS_WORKSPACES
     saved_attention = attention_host_bytes(lay, [], 0, 2, tokens) - tokens * c * h  # without the output
     saved_attention += tokens * c * rank * sum(m.role == "attention" for m in trained)
-    # Two layer inputs at once: one back from the host and the next coming, or a recomputed one and its source.
-    brought_back = (tokens * c * h * (2 if off.host_layers or off.recomputed_layers else 0)
-                    + (tokens * c * h if off.attention else 0))
+    # Two layer inputs at once: one back from the host and the next coming, or a recomputed one and its source; and
+    # two attention outputs: the layer's and the next one's (offloaded_attention.SavedForward.fetch_output).
+    brought_back = tokens * c * h * ((2 if off.host_layers or off.recomputed_layers else 0)
+                                     + (2 if off.attention else 0))
     norm_bytes = 2 if off.liger_norms else 4
     rerun = (tokens * c * h  # the gradient at the layer's output
              + tokens * c * h  # the norm's output, the attention's input

@@ -329,7 +329,7 @@ def test_seq_len_shows_gpu_and_host_memory(capsys, monkeypatch):
                       "--dropout", "0"], capsys)
     assert result.code == 0, result.err
     assert "host: layer inputs  attention  embedding  process  host total" in result.out
-    assert "QLoRA (NF4 + DQ)     21.82   25.35               32.00     113.00       1.00     4.00      150.00" \
+    assert "QLoRA (NF4 + DQ)     22.82   26.45               32.00     113.00       1.00     4.00      150.00" \
         in result.out
     assert "This machine: 64.0 GiB available (LORA_HOST_MEMORY_BYTES" in result.out
     assert "QLoRA (NF4 + DQ): offload_attention: host memory: needs 150.0 GiB, 57.6 available" in result.out
@@ -348,7 +348,9 @@ def test_seq_len_shows_what_the_fitted_levers_leave_on_the_gpu(monkeypatch):
     assert 0 < on_host < 32
     assert fitted["host"] <= 0.9 * 32 * 2**30
     defaults = report["memory"]["lora_train"]["qlora"]["gpu"]["device"]
-    assert fitted["gpu_device"] >= defaults + (32 - on_host) * 2**30 * 0.9
+    # the layer inputs left on the GPU, less the two attention outputs that the defaults' offloaded attention
+    # brings back (off in the fitted plan)
+    assert fitted["gpu_device"] >= defaults + (32 - on_host - 2) * 2**30
 
 
 def test_seq_len_shows_recomputed_layer_inputs_and_refusals(capsys, monkeypatch):
