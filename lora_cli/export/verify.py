@@ -11,6 +11,7 @@ and the chat template and special tokens stored in it are compared with the sour
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.gguf_reader import one_parse_per_file
 from lora_cli.merge import TOLERANCE, max_diff, probe_inputs, probe_logits
 
 # Least top-1 agreement and largest mean KL (nats) accepted per quantization. Measured on SmolLM2-135M-Instruct,
@@ -57,14 +58,15 @@ def verify_gguf(gguf_file: Path, source_dir: Path, quant: str, progress=lambda m
     reference = probe_logits(source.eval(), probes)
     del source
     progress(f"Verifying: {gguf_file.name} read back by transformers ...")
-    exported = AutoModelForCausalLM.from_pretrained(
-        gguf_file.parent, gguf_file=gguf_file.name, config=config, dtype=torch.float32
-    )
-    _compare_logits(check, reference, probe_logits(exported.eval(), probes), quant)
-    del exported
     import gguf
 
-    reader = gguf.GGUFReader(gguf_file)
+    with one_parse_per_file():
+        exported = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, config=config, dtype=torch.float32
+        )
+        _compare_logits(check, reference, probe_logits(exported.eval(), probes), quant)
+        del exported
+        reader = gguf.GGUFReader(gguf_file)
     _compare_config(check, reader, config)
     _compare_tokenizer(check, reader, gguf_file, tokenizer)
     return check
