@@ -6,6 +6,7 @@ the function: the embedded model's module is imported when `lora --help` starts.
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 from lora_cli.errors import LoraError, first_line
@@ -63,7 +64,7 @@ def _made_once(make):
     results = {}
 
     def once(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs.items())))
+        key = (tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args), tuple(sorted(kwargs.items())))
         if key not in results:
             results[key] = make(*args, **kwargs)
         return results[key]

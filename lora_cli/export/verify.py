@@ -67,8 +67,8 @@ def verify_gguf(gguf_file: Path, source_dir: Path, quant: str, progress=lambda m
         _compare_logits(check, reference, probe_logits(exported.eval(), probes), quant)
         del exported
         reader = gguf.GGUFReader(gguf_file)
-    _compare_config(check, reader, config)
-    _compare_tokenizer(check, reader, gguf_file, tokenizer)
+        _compare_config(check, reader, config)
+        _compare_tokenizer(check, reader, gguf_file, tokenizer)
     return check
 
 
