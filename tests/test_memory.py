@@ -69,10 +69,9 @@ def test_packed_rows_get_no_mask_on_the_varlen_path():
     assert varlen_mask(attention_mask=None, device=torch.device("cpu"), **windowed) is not None
 
 
-def test_offloaded_attention_keeps_what_the_plan_counts(tmp_path):
-    """attention_host_bytes against the host buffers speed/offloaded_attention.py fills for a tiny Llama's layer (fp32
-    on the CPU, which saves the same tensors as bf16 on a GPU: q and k after RoPE, v, SDPA's output and log-sum-exp,
-    each projection's r-wide product, the layer's attention output), at two lengths."""
+def offloaded_tiny_llama(max_tokens=None):
+    """A tiny Llama with LoRA r=8 on every projection (fp32 on the CPU), its attention offloaded, and its plan's
+    Layout and trained modules."""
     from peft import LoraConfig, get_peft_model
 
     from lora_cli.speed.checkpointing import offloaded_checkpointing
@@ -84,8 +83,15 @@ def test_offloaded_attention_keeps_what_the_plan_counts(tmp_path):
     fuse_lora_layers(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True)
-    lay, trained = layout_and_trained(config, "all-linear")
+    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True, max_tokens=max_tokens)
+    return model, *layout_and_trained(config, "all-linear")
+
+
+def test_offloaded_attention_keeps_what_the_plan_counts(tmp_path):
+    """attention_host_bytes against the host buffers speed/offloaded_attention.py fills for a tiny Llama's layer (fp32
+    on the CPU, which saves the same tensors as bf16 on a GPU: q and k after RoPE, v, SDPA's output and log-sum-exp,
+    each projection's r-wide product, the layer's attention output), at two lengths."""
+    model, lay, trained = offloaded_tiny_llama()
     for length in (64, 256):
         ids = torch.randint(0, 512, (1, length))
         loss = model(input_ids=ids, labels=ids).loss
@@ -95,6 +101,18 @@ def test_offloaded_attention_keeps_what_the_plan_counts(tmp_path):
             kept = sum(host.numel() for host in saved.hosts) + saved.output_host.numel()
             assert kept == attention_host_bytes(lay, trained, 8, 4, length, compute_bytes=4)
         loss.backward()
+
+
+def test_attention_buffers_for_the_planned_tokens_are_what_the_plan_counts():
+    """Given the plan's tokens a step (256), a row of 64 tokens makes the host buffers as large as the plan counts
+    at 256, so that no longer row grows them (a packed row's length changes from step to step)."""
+    model, lay, trained = offloaded_tiny_llama(max_tokens=256)
+    ids = torch.randint(0, 512, (1, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for layer in model.get_base_model().model.layers:
+        buffers = layer.self_attn.attention_saver.buffers.values()
+        assert sum(buffer.numel() for buffer in buffers) == attention_host_bytes(lay, trained, 8, 4, 256,
+                                                                                 compute_bytes=4)
 
 
 def test_the_loss_chunk_is_bounded():

@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 
 from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
-from lora_cli.speed.offloaded_attention import grown_host_buffer, install_saver
+from lora_cli.speed.offloaded_attention import grown_host_buffer, install_saver, planned_room
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
 from lora_cli.speed.router_logits import RouterLogits, rerun_recording
 
@@ -46,7 +46,8 @@ class HostOffloader:
 
     Host buffers of the exact size, one per layer, reused every step (offloaded_attention.grown_host_buffer): torch's
     caching host allocator rounds every pinned block up to a power of two, which at 500,000 tokens of the
-    Llama-3.1-8B shape (3.8 GiB a layer input) would pin 8 GiB a layer.
+    Llama-3.1-8B shape (3.8 GiB a layer input) would pin 8 GiB a layer. Where the memory plan's tokens a step are
+    known (max_tokens), each is made that large at once (offloaded_attention.planned_room).
 
     Why the waits instead of `record_stream`: the allocator reuses a block recorded on another stream only once
     the GPU has passed the moment the host freed it. With CUDA graphs the host runs the forward pass many layers
@@ -55,8 +56,9 @@ class HostOffloader:
     stream waiting for each copy, every block is freed and reused in the compute stream's own order.
     """
 
-    def __init__(self):
+    def __init__(self, max_tokens: int | None = None):
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.max_tokens = max_tokens
         self.places: list[str] = []  # each checkpointed layer's, in order (set by offloaded_checkpointing)
         self.buffers: dict[int, torch.Tensor] = {}  # layer -> its pinned host buffer
         self.kept: dict[int, torch.Tensor] = {}  # inputs kept where they are
@@ -127,7 +129,9 @@ class HostOffloader:
 
     def _host_buffer(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
         """The layer's pinned buffer, grown (never shrunk) to the tensor's size, viewed as the tensor."""
-        buffer = grown_host_buffer(self.buffers, layer, tensor.numel() * tensor.element_size(), self.stream)
+        count = tensor.numel() * tensor.element_size()
+        room = planned_room(count, tensor.shape[:-1].numel(), self.max_tokens)
+        buffer = grown_host_buffer(self.buffers, layer, count, self.stream, room)
         return buffer.view(tensor.dtype).view(tensor.shape)
 
     def take_attached(self, key: int):
@@ -299,13 +303,14 @@ def input_of_first_layer(hidden_states: torch.Tensor) -> torch.Tensor:
 
 def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bool = False,
                             offload_attention: bool = False, host_layers: int | None = None,
-                            recomputed_layers: int = 0):
+                            recomputed_layers: int = 0, max_tokens: int | None = None):
     """Make every checkpointed decoder layer keep its input on the host (only host_layers layers', when given: the
     others keep theirs on the GPU), but recomputed_layers layers, whose input the backward makes again from the
     layer before's (memory.layer_input_places says which); with cuda_graphs (on a GPU) run as CUDA graphs
     (cuda_graphs.py), with lean_recompute rerun without its last projection where the architecture allows
     (LLAMA_STYLE_MODEL_TYPES), with offload_attention its attention kept on the host too where it can be
-    (offloaded_attention.py); returns how many layers, and the graphs' shared pool (None without graphs).
+    (offloaded_attention.py); max_tokens: the memory plan's tokens a step, which the host buffers are made for at
+    once; returns how many layers, and the graphs' shared pool (None without graphs).
 
     transformers' layers call `self._gradient_checkpointing_func(layer_call, hidden_states, ...)` when
     checkpointing is on, so setting that function on them is the whole switch (after the Trainer has turned
@@ -313,7 +318,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    offloader = HostOffloader()
+    offloader = HostOffloader(max_tokens)
     pool = GraphPool() if cuda_graphs and torch.cuda.is_available() else None
     accumulate_stream = torch.cuda.Stream() if pool else None  # offloaded_attention.install_saver says why
 
@@ -330,7 +335,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     installed = {}
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
-            saver = install_saver(module, offloader.stream, offload_attention, accumulate_stream)
+            saver = install_saver(module, offloader.stream, offload_attention, accumulate_stream, max_tokens)
             module._gradient_checkpointing_func = checkpoint_with(LayerGraphs(module, pool, saver) if pool else None,
                                                                   saver)
             installed[module] = module._gradient_checkpointing_func

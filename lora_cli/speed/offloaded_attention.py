@@ -101,6 +101,7 @@ class SavedForward:
         """Run the attention with autograd on, its saved tensors copied out; returns the module's outputs."""
         index_of: dict[int, int] = {}
         input_ptr = hidden.untyped_storage().data_ptr()
+        tokens, length = hidden.shape[:-1].numel(), hidden.shape[-2]
 
         def pack(tensor):
             storage = tensor.untyped_storage()
@@ -111,7 +112,8 @@ class SavedForward:
                 return ("kept", tensor)  # alive anyway: weights, the call's other inputs (rotary tables, masks)
             if storage.data_ptr() not in index_of:
                 index_of[storage.data_ptr()] = len(index_of)
-                self._copy_out(len(index_of) - 1, storage)
+                per_token = length in tensor.shape or tokens in tensor.shape  # (batch, length, ...) or flattened rows
+                self._copy_out(len(index_of) - 1, storage, tokens if per_token else 0)
             return ("host", index_of[storage.data_ptr()], layout)
 
         # On the input's device: a CPU tensor in the saved graph sent its backward through the engine's CPU queue,
@@ -125,12 +127,13 @@ class SavedForward:
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
             del self.hosts[len(index_of):]
         output = outputs[0].detach()
-        self.output_host = self._copy_out(None, output.untyped_storage())
+        self.output_host = self._copy_out(None, output.untyped_storage(), tokens)
         self.output_layout = (output.dtype, output.size(), output.stride(), output.storage_offset())
         self.graph, self.fresh = (end, anchor), True
         return (output, *outputs[1:])
 
-    def _copy_out(self, index, storage) -> torch.Tensor:
+    def _copy_out(self, index, storage, tokens: int) -> torch.Tensor:
+        """tokens: how many tokens the storage holds a row of, 0 where it is no per-token tensor (planned_room)."""
         device_bytes = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
         before = self.output_host if index is None else (self.hosts[index] if index < len(self.hosts) else None)
         if self.frozen:  # the CUDA graph copies to the addresses it captured
@@ -138,7 +141,7 @@ class SavedForward:
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
             host = before
         else:
-            host = self.host_buffer(index, device_bytes.numel())
+            host = self.host_buffer(index, device_bytes.numel(), tokens)
         if index is not None:
             self.hosts[index:index + 1] = [host]
         # Held until the copies end: also keeps its address from being reused by a later saved tensor meanwhile.
@@ -225,17 +228,27 @@ class SavedForward:
         return grad_input
 
 
-def grown_host_buffer(buffers: dict, key, count: int, stream) -> torch.Tensor:
-    """count bytes of buffers[key], a host buffer grown (never shrunk) to the most bytes asked of it, so that steps
-    of changing lengths reuse it; pinned where a side stream copies to and from it, whose copies from the old
-    buffer end before it goes."""
+def grown_host_buffer(buffers: dict, key, count: int, stream, room: int = 0) -> torch.Tensor:
+    """count bytes of buffers[key], a host buffer grown (never shrunk) to the most bytes asked of it, or to room
+    bytes where more (planned_room), so that steps of changing lengths reuse it; pinned where a side stream copies
+    to and from it, whose copies from the old buffer end before it goes."""
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < count:
         if buffer is not None and stream is not None:
             torch.cuda.current_stream().synchronize()
             stream.synchronize()
-        buffer = buffers[key] = host_bytes(count, pinned=stream is not None)
+        buffer = buffers[key] = host_bytes(max(count, room), pinned=stream is not None)
     return buffer[:count]
+
+
+def planned_room(count: int, tokens: int, max_tokens: int | None) -> int:
+    """Bytes to pin for count bytes of a per-token tensor of tokens tokens where a step holds up to max_tokens (the
+    memory plan's batch x length, which its host terms count): packed rows change their length from step to step,
+    and buffers grown to each new longest row were pinned anew each time, tens of GiB at 32,768 tokens of the
+    Llama-3.1-8B shape. count where not known (no plan, or not a per-token tensor: tokens 0)."""
+    if not max_tokens or not tokens or tokens >= max_tokens or count % tokens:
+        return count
+    return count // tokens * max_tokens
 
 
 def host_bytes(count: int, pinned: bool) -> torch.Tensor:
@@ -286,11 +299,13 @@ class AttentionSaver:
     packs whole documents into at most max_length tokens), and buffers of each exact size were pinned anew every
     step: the likely cause of packed documents running at 21% of the fixed-length rate with 78 GiB of host memory
     against 39, at 32,768 tokens of the Llama-3.1-8B shape (row 2026-12-07-h100-af9fe47 of
-    benchmarks/results/results.csv; the grown buffers are not measured there yet). Sharing is safe: a layer has one
-    forward at a time waiting for its backward."""
+    benchmarks/results/results.csv; the grown buffers are not measured there yet). Where the memory plan's tokens a
+    step are known (max_tokens), a per-token buffer is made that large at once, so a longer row later grows none
+    (planned_room). Sharing is safe: a layer has one forward at a time waiting for its backward."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, max_tokens: int | None = None):
         self.stream = stream
+        self.max_tokens = max_tokens
         self.forwards: collections.OrderedDict = collections.OrderedDict()
         self.captured: set = set()  # signatures whose forward a CUDA graph captured: kept
         self.buffers: dict = {}  # place -> pinned host buffer
@@ -346,13 +361,14 @@ class AttentionSaver:
             saved.frozen = True
         return outputs
 
-    def host_buffer(self, place, count: int) -> torch.Tensor:
-        """count bytes of the pinned buffer for the place-th saved storage (None: the output)."""
+    def host_buffer(self, place, count: int, tokens: int) -> torch.Tensor:
+        """count bytes of the pinned buffer for the place-th saved storage (None: the output), a per-token one of
+        tokens tokens (0: not per token)."""
         buffer = self.buffers.get(place)
         if buffer is None or buffer.numel() < count:
             if capturing_now() or (buffer is not None and self.captured):  # a graph copies to the buffers' addresses
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
-        return grown_host_buffer(self.buffers, place, count, self.stream)
+        return grown_host_buffer(self.buffers, place, count, self.stream, planned_room(count, tokens, self.max_tokens))
 
     def _evict(self) -> None:
         """Eager runs of many shapes (padded batches without graphs) keep a few."""
@@ -395,8 +411,10 @@ def offloadable_attentions(model) -> int:
                if isinstance(module, GradientCheckpointingLayer))
 
 
-def install_saver(layer, stream, enabled: bool, accumulate_stream=None) -> AttentionSaver | None:
-    """Give the layer's attention a fresh saver, or take it away; returns it (None where not offloaded).
+def install_saver(layer, stream, enabled: bool, accumulate_stream=None,
+                  max_tokens: int | None = None) -> AttentionSaver | None:
+    """Give the layer's attention a fresh saver, or take it away; returns it (None where not offloaded). max_tokens:
+    the memory plan's tokens a step (AttentionSaver).
 
     accumulate_stream (with CUDA graphs): a side stream the adapters' gradients are added on. An autograd node runs
     its backward on the stream it was made on, and a parameter's AccumulateGrad node, made when the parameter first
@@ -412,7 +430,7 @@ def install_saver(layer, stream, enabled: bool, accumulate_stream=None) -> Atten
     if not hasattr(attention, "unsaved_forward"):
         attention.unsaved_forward = attention.forward
         attention.forward = types.MethodType(offloaded_attention_forward, attention)
-    attention.attention_saver = AttentionSaver(stream) if enabled else None
+    attention.attention_saver = AttentionSaver(stream, max_tokens) if enabled else None
     if enabled and accumulate_stream is not None:
         with torch.cuda.stream(accumulate_stream), torch.enable_grad():
             attention.attention_saver.accumulators = [p.view_as(p).grad_fn.next_functions[0][0]

@@ -61,8 +61,7 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
     if recipe.lora.target_modules is None or "gradient_checkpointing" in training:
         return defaults
     lora = recipe.lora
-    recipe_or_default = recipe_value(recipe)
-    batch_size, seq_len, _ = method_step(recipe.method, lambda name: training.get(name) or recipe_or_default(name))
+    batch_size, seq_len = planned_step(recipe, training)
     plan = memory_plan(model.config, lora_parameter_count(model, lora), seq_len, batch_size, lora.target_modules,
                        lora.r, lora.dropout, lora.use_dora)
     available = available_gpu_bytes()
@@ -82,6 +81,15 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
               "GiB: expect out-of-memory; lower training.per_device_train_batch_size or training.max_length.",
               file=sys.stderr, flush=True)
     return {**defaults, **choice}
+
+
+def planned_step(recipe, training: dict) -> tuple[int, int]:
+    """(sequences, tokens each) of the recipe's training step as the memory plan counts them (memory.method_step:
+    DPO's chosen and rejected completions, GRPO's prompt and completion), from the training settings, else the
+    method's defaults."""
+    recipe_or_default = recipe_value(recipe)
+    batch_size, seq_len, _ = method_step(recipe.method, lambda name: training.get(name) or recipe_or_default(name))
+    return batch_size, seq_len
 
 
 def available_gpu_bytes() -> int:
@@ -189,6 +197,7 @@ class MemoryChoice:
     plan: dict
     reasons: dict = field(default_factory=dict)  # lever -> why it is off or partial, for the lever line
     refused: bool = False  # the host holds only a split of the layer inputs that the GPU cannot hold
+    tokens: int = 0  # a step's tokens (batch x length) the plan counted: the host buffers are made that large
 
 
 def choose_offloading(lay, row: dict, trained: list, rank: int, dropout: float, tokens: int, speed,
@@ -251,7 +260,7 @@ def fit_offloading(lay, row, trained, rank, dropout, tokens, speed, host, gpu_av
                     break
         reasons["offload_activations"] = (f"{layer_inputs_placed(lay.layers, choice)} (host memory: all need "
                                           f"{all_layers / GIB:.1f} GiB, {available})")
-    chosen = MemoryChoice(choice, plan(choice), reasons)
+    chosen = MemoryChoice(choice, plan(choice), reasons, tokens=tokens)
     chosen.refused = gpu_available is not None and choice != wanted and chosen.plan["gpu"]["device"] > gpu_available
     return chosen
 
@@ -317,7 +326,7 @@ def check_memory_before_loading(recipe) -> MemoryChoice | None:
     config = load_config(resolve_model_path(recipe.model.name_or_path), recipe.model.trust_remote_code)
     lora = recipe.lora
     lay, trained = layout_and_trained(config, lora.target_modules)
-    seq_len, batch_size = training.get("max_length") or 1024, training.get("per_device_train_batch_size", 8)
+    batch_size, seq_len = planned_step(recipe, training)
     trainable = lora.r * lay.layers * sum(m.in_features + m.out_features for m in trained)
     plan = plan_for_layout(lay, trainable, trained, lora.r, lora.dropout, lora.use_dora, seq_len, batch_size)
     device = PartialState().local_process_index

@@ -70,7 +70,8 @@ def use_own_kernels(trainer, recipe, memory=None) -> str:
     attention = (offloadable_attentions(trainer.model)
                  if offload and recipe.speed.offload_attention and (chosen is None or chosen.attention) else 0)
     if offload:
-        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers, recomputed))
+        trainer.add_callback(OffloadActivations(graphs, lean, attention > 0, host_layers, recomputed,
+                                                memory.tokens if memory is not None else None))
     unsupported = fused_loss_unsupported(trainer) if recipe.speed.fused_loss and "fused_loss" not in off else ""
     fused_loss = unsupported is None
     if fused_loss:
@@ -158,14 +159,14 @@ class OffloadActivations(TrainerCallback):
     drops its CUDA graphs when training ends (their memory pool holds a layer's activations)."""
 
     def __init__(self, cuda_graphs: bool, lean_recompute: bool, offload_attention: bool, host_layers: int | None,
-                 recomputed_layers: int):
+                 recomputed_layers: int, max_tokens: int | None):
         self.cuda_graphs, self.lean_recompute, self.offload_attention = cuda_graphs, lean_recompute, offload_attention
-        self.host_layers, self.recomputed_layers = host_layers, recomputed_layers
+        self.host_layers, self.recomputed_layers, self.max_tokens = host_layers, recomputed_layers, max_tokens
         self.pool = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         _, self.pool = offloaded_checkpointing(model, self.cuda_graphs, self.lean_recompute, self.offload_attention,
-                                               self.host_layers, self.recomputed_layers)
+                                               self.host_layers, self.recomputed_layers, self.max_tokens)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.pool is not None:
@@ -175,5 +176,5 @@ class OffloadActivations(TrainerCallback):
                       "replayed", flush=True)
             offloaded_checkpointing(model, lean_recompute=self.lean_recompute,  # no graphs, should it train again
                                     offload_attention=self.offload_attention, host_layers=self.host_layers,
-                                    recomputed_layers=self.recomputed_layers)
+                                    recomputed_layers=self.recomputed_layers, max_tokens=self.max_tokens)
             self.pool = None

@@ -180,3 +180,21 @@ def test_the_recipe_keys_turn_levers_off(llama8b, monkeypatch):
                        tiled_mlp=False, offload_activations=False)
     assert choice.offloading == Offloading(host_layers=0, attention=False, embedding=True, tiled_mlp=False)
     assert choice.reasons == {}
+
+
+@pytest.mark.parametrize("config, settings, step", [
+    ("llama3-qlora.yaml", ["training.max_length=4096", "training.per_device_train_batch_size=2"], (2, 4096)),
+    ("llama3-dpo-qlora.yaml",
+     ["model.adapter=null", "training.max_length=4096", "training.per_device_train_batch_size=2"], (4, 4096)),
+    ("qwen-grpo-math.yaml", ["training.max_completion_length=256", "training.per_device_train_batch_size=4"],
+     (4, 512 + 256)),
+])
+def test_the_check_before_loading_plans_the_methods_step(config, settings, step):
+    """The step the memory check plans (planned_step): DPO's chosen and rejected completions of every pair, GRPO's
+    completions after their prompts, as inspect-params counts them; it planned max_length x batch for every method,
+    half of what a DPO step holds."""
+    from lora_cli.recipe import load_recipe
+    from lora_cli.speed.policy import planned_step
+
+    recipe = load_recipe(f"configs/{config}", settings)
+    assert planned_step(recipe, recipe.training) == step
