@@ -87,13 +87,13 @@ def test_the_grouped_forward_never_waits_for_the_gpu():
     rerun)."""
     from lora_cli.speed.grouped_experts import wrapped_experts
 
-    model = tiny_moe("qwen3_moe", "cuda")
+    model = tiny_moe("qwen3_moe", "cuda").to(torch.bfloat16)  # as lora train runs it on a GPU
     group_expert_adapters(model)
     experts = wrapped_experts(model)[0]
     tokens, top_k = 24, model.config.num_experts_per_tok
-    hidden = torch.randn(tokens, model.config.hidden_size, device="cuda")
+    hidden = torch.randn(tokens, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     top_k_index = torch.randint(0, model.config.num_experts, (tokens, top_k), device="cuda")
-    top_k_weights = torch.rand(tokens, top_k, device="cuda")
+    top_k_weights = torch.rand(tokens, top_k, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
