@@ -6,6 +6,7 @@ the function: the embedded model's module is imported when `lora --help` starts.
 """
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -61,12 +62,6 @@ def one_parse_per_file():
 
 
 def _made_once(make):
-    results = {}
-
-    def once(*args, **kwargs):
-        key = (tuple(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args), tuple(sorted(kwargs.items())))
-        if key not in results:
-            results[key] = make(*args, **kwargs)
-        return results[key]
-
-    return once
+    """make, memoized by its arguments, a path taken as its string (transformers passes one, our callers a Path)."""
+    cached = functools.cache(make)
+    return lambda *args, **kwargs: cached(*(os.fspath(a) if isinstance(a, os.PathLike) else a for a in args), **kwargs)

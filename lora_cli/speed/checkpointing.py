@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 
 from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
-from lora_cli.speed.offloaded_attention import grown_host_buffer, install_saver, planned_room
+from lora_cli.speed.offloaded_attention import gradient_anchor, grown_host_buffer, install_saver, planned_room
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
 from lora_cli.speed.router_logits import RouterLogits, rerun_recording
 
@@ -226,8 +226,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
     An MoE layer's router logits, where the model records them, are outputs too, after the layer's own
     (router_logits.py): the load-balancing loss computed from them backpropagates through the rerun.
 
-    anchor: an empty tensor that requires grad, so that the outputs do (and the backward runs, for the layer's
-    adapters) also where the input does not: the first layer's, cut from the embedding (input_of_first_layer)."""
+    anchor: offloaded_attention.gradient_anchor, for the first layer's input, cut from the embedding
+    (input_of_first_layer)."""
 
     @staticmethod
     def forward(ctx, run, offloader, graphs, saver, router_logits, anchor, hidden_states, *args):
@@ -325,9 +325,9 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
     def checkpoint_with(graphs, saver):
         def checkpoint(run, hidden_states, *args, **kwargs):
             router_logits = RouterLogits()
-            anchor = hidden_states.new_empty(0).requires_grad_()
-            outputs = OffloadedCheckpoint.apply(run, offloader, graphs, saver, router_logits, anchor,
-                                                input_of_first_layer(hidden_states), *args)
+            outputs = OffloadedCheckpoint.apply(run, offloader, graphs, saver, router_logits,
+                                                gradient_anchor(hidden_states), input_of_first_layer(hidden_states),
+                                                *args)
             return router_logits.layer_output(outputs)
         return checkpoint
 

@@ -60,10 +60,16 @@ class Exit(torch.autograd.Function):
         return ctx.saved.output_grad, None
 
 
+def gradient_anchor(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor that requires grad, on like's device: given to an autograd Function beside an input that may
+    need no gradient (the first layer's, checkpointing.input_of_first_layer), it makes the Function's outputs
+    require grad, so that its backward runs for the adapters inside."""
+    return like.new_empty(0).requires_grad_()
+
+
 class AttentionReplay(torch.autograd.Function):
-    """The attention module in the rerun: its saved output, and as backward, its saved graph's. anchor: an empty
-    tensor that requires grad, so that the adapters' gradients flow also where the input needs none (the first
-    layer's: checkpointing.input_of_first_layer)."""
+    """The attention module in the rerun: its saved output, and as backward, its saved graph's (anchor:
+    gradient_anchor)."""
 
     @staticmethod
     def forward(ctx, hidden, anchor, saved):
@@ -118,7 +124,7 @@ class SavedForward:
 
         # On the input's device: a CPU tensor in the saved graph sent its backward through the engine's CPU queue,
         # whose stream (the legacy one) cannot wait for a CUDA graph capture.
-        anchor = hidden.new_empty(0).requires_grad_()
+        anchor = gradient_anchor(hidden)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
             outputs = forward(Entry.apply(hidden, anchor, self), *args, **kwargs)
             end = Exit.apply(outputs[0], self)
@@ -199,7 +205,7 @@ class SavedForward:
                     device_bytes.copy_(host, non_blocking=True)
                 self.loaded_ready = torch.cuda.Event()
                 self.loaded_ready.record()
-        return AttentionReplay.apply(hidden, hidden.new_empty(0).requires_grad_(), self)
+        return AttentionReplay.apply(hidden, gradient_anchor(hidden), self)
 
     def _unpack(self, packed):
         kind, *rest = packed

@@ -43,42 +43,38 @@ def test_offloaded_attention_gives_the_recomputed_gradients(tiny_llama, device, 
         assert (recomputed_weights.count(base), kept_weights.count(base)) == (3, 2), name
 
 
+def buffer_addresses_by_step(tiny_llama, lengths, max_tokens=None) -> list:
+    """Each step's host buffer addresses (per layer, per saved storage's place) for rows of these lengths, each step
+    checked against recomputation's loss and gradients."""
+    from lora_cli.speed.offloaded_attention import attention_of
+
+    model = checkpointed_fused_model(tiny_llama, "cpu", False)
+    offloaded_checkpointing(model, lean_recompute=True)
+    recomputed = [loss_and_grads(model, "cpu", length=length) for length in lengths]
+    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True, max_tokens=max_tokens)
+    savers = [attention_of(layer).attention_saver for layer in model.get_base_model().model.layers]
+    addresses = []
+    for length, reference in zip(lengths, recomputed):
+        assert_same(reference, loss_and_grads(model, "cpu", length=length), 0.0)
+        addresses.append([{place: buffer.data_ptr() for place, buffer in saver.buffers.items()} for saver in savers])
+    return addresses
+
+
 @pytest.mark.parametrize("planned", [False, True], ids=["grown", "planned"])
 def test_buffers_for_the_planned_tokens_are_made_once(tiny_llama, planned):
     """Rows growing longer step by step grow the buffers each time, pinning them anew; given the memory plan's
     tokens a step (max_tokens), the first row makes each per-token buffer that large and the longer rows reuse it,
     with the gradients of recomputation either way."""
-    from lora_cli.speed.offloaded_attention import attention_of
-
-    model = checkpointed_fused_model(tiny_llama, "cpu", False)
     lengths = (16, 20, 24)
-    offloaded_checkpointing(model, lean_recompute=True)
-    recomputed = [loss_and_grads(model, "cpu", length=length) for length in lengths]
-    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True,
-                            max_tokens=2 * max(lengths) if planned else None)  # loss_and_grads: 2 rows
-    savers = [attention_of(layer).attention_saver for layer in model.get_base_model().model.layers]
-    buffers = []
-    for length, reference in zip(lengths, recomputed):
-        assert_same(reference, loss_and_grads(model, "cpu", length=length), 0.0)
-        buffers.append([{place: buffer.data_ptr() for place, buffer in saver.buffers.items()} for saver in savers])
-    assert (buffers[0] == buffers[1] == buffers[2]) == planned
+    max_tokens = 2 * max(lengths) if planned else None  # loss_and_grads: 2 rows
+    addresses = buffer_addresses_by_step(tiny_llama, lengths, max_tokens)
+    assert (addresses[0] == addresses[1] == addresses[2]) == planned
 
 
 def test_rows_of_changing_length_grow_the_host_buffers_once(tiny_llama):
     """Packed long documents change the row's length from step to step: each layer's host buffers grow to the
     longest row and shorter rows use them (buffers of each exact size were pinned anew every step), with the
     gradients of recomputation."""
-    from lora_cli.speed.offloaded_attention import attention_of
-
-    model = checkpointed_fused_model(tiny_llama, "cpu", False)
-    lengths = (24, 16, 24, 20)
-    offloaded_checkpointing(model, lean_recompute=True)
-    recomputed = [loss_and_grads(model, "cpu", length=length) for length in lengths]
-    offloaded_checkpointing(model, lean_recompute=True, offload_attention=True)
-    savers = [attention_of(layer).attention_saver for layer in model.get_base_model().model.layers]
-    buffers = []
-    for length, reference in zip(lengths, recomputed):
-        assert_same(reference, loss_and_grads(model, "cpu", length=length), 0.0)
-        buffers.append([{place: buffer.data_ptr() for place, buffer in saver.buffers.items()} for saver in savers])
-    assert all(step == buffers[0] for step in buffers)  # made by the longest row, the first
-    assert len(buffers[0][0]) > 1
+    addresses = buffer_addresses_by_step(tiny_llama, (24, 16, 24, 20))
+    assert all(step == addresses[0] for step in addresses)  # made by the longest row, the first
+    assert len(addresses[0][0]) > 1
