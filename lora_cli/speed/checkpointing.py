@@ -24,7 +24,7 @@ from lora_cli.memory import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
 from lora_cli.speed.offloaded_attention import gradient_anchor, grown_host_buffer, install_saver, planned_room
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
-from lora_cli.speed.router_logits import RouterLogits, rerun_recording
+from lora_cli.speed.router_logits import RouterLogits, recorded_into
 
 
 class HostOffloader:
@@ -234,6 +234,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.run, ctx.offloader, ctx.graphs, ctx.args, ctx.device = run, offloader, graphs, args, hidden_states.device
         ctx.saver = saver
         ctx.router_outputs = 0  # how many router logits follow the layer's output (set once it has run)
+        ctx.routed = router_logits.wanted  # whether the model records router logits in this pass
         ctx.input_requires_grad = hidden_states.requires_grad
         kind = hidden_states.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
@@ -244,10 +245,12 @@ class OffloadedCheckpoint(torch.autograd.Function):
             saver.begin(call_signature(run, hidden_states))  # None (nothing saved) for a call graphs cannot take
         try:
             with torch.no_grad():
-                if graphs is not None and not args and (out := graphs.forward(run, hidden_states)) is not None:
-                    return out
-                with router_logits.recording():
-                    out = run(hidden_states, *args)
+                out = graphs.forward(run, hidden_states, router_logits) if graphs is not None and not args else None
+                if out is None:
+                    with router_logits.recording():
+                        out = run(hidden_states, *args)
+                    if graphs is not None:
+                        graphs.learn_router_logits(run, hidden_states, router_logits)
             if plain:
                 offloader.offer_output(ctx, out)
             ctx.router_outputs = len(router_logits.logits)
@@ -268,14 +271,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
             Recomputation.active = True
             try:
                 graphed = (ctx.graphs is not None and not ctx.args and grads[0] is not None
-                           and (grad_input := ctx.graphs.backward(ctx.run, loaded, grads[0], saved)) is not None)
+                           and (grad_input := ctx.graphs.backward(ctx.run, loaded, grads, saved, ctx.routed))
+                           is not None)
                 if not graphed:
                     hidden_states = loaded[0].detach().requires_grad_(ctx.input_requires_grad)
                     if saved is not None and saved.graph is not None:
                         saved.output = saved.take_output(ctx.device)
                         ctx.saver.replaying = saved
                     rerun_logits = []
-                    with rerun_recording(rerun_logits) if ctx.router_outputs else contextlib.nullcontext():
+                    with recorded_into(rerun_logits) if ctx.router_outputs else contextlib.nullcontext():
                         outputs = ctx.run(hidden_states, *ctx.args)
             finally:
                 Recomputation.active = False

@@ -23,8 +23,6 @@ def off_reasons(model) -> dict[str, str]:
         reasons["fused_lora"] = "Llama 4's attention writes into its projections' outputs in place"
     if experts_modules(model):
         reasons["fused_mlp"] = "MoE: the routed experts are 3-D weights, not the gated MLP the kernel fuses"
-        reasons["cuda_graphs"] = ("MoE: not captured (a replay would return no router logits for the load-balancing"
-                                  " loss)")
     elif str(activation).startswith("gelu"):
         reasons["fused_mlp"] = f"GeGLU MLP ({activation}); the fused kernel is SwiGLU's"
     elif model_type not in LLAMA_STYLE_MODEL_TYPES:

@@ -14,7 +14,9 @@ input, its output or input gradient, the output gradient, the rotary tables and 
 memory pool, so the graphs hold one layer's activations, not one per layer. Adapter gradients land in ordinary
 tensors that become (or are added to) `.grad`, so zero_grad, gradient accumulation and the optimizer see them as
 usual. Dropout draws the same masks as without graphs: a replay starts from the RNG state the caller sets, as the
-eager recomputation does.
+eager recomputation does. An MoE layer's router logits (the load-balancing loss's input, router_logits.py), which
+transformers' hooks record in an eager run but no hook records in a replay, are copied out of the forward graph
+into static buffers and recorded for the model from there; their gradients go into the backward graph the same way.
 
 Used only where that is safe: a single process (no DDP, FSDP or DeepSpeed, whose hooks run inside the backward),
 layer inputs and keyword arguments that are tensors, tuples of tensors or plain values. Packed rows change their
@@ -22,10 +24,13 @@ length and sequence bounds every batch; varlen.FixedShapePackedBatches pads them
 capture fails, the run goes on without graphs and says why. Off with `speed.cuda_graphs: false`.
 """
 
+import contextlib
 import functools
 import sys
 
 import torch
+
+from lora_cli.speed.router_logits import recorded_into
 
 MAX_SHAPES = 4  # graphs kept per layer; batches of more shapes than this run the others eagerly
 
@@ -65,6 +70,15 @@ class Statics:
         self.grad = torch.empty_like(hidden)  # the output's gradient
         self.keywords = {name: self._like(value) for name, value in keywords.items()}
         self.sources: dict[str, object] = {}
+        self.routed: dict[tuple, list[torch.Tensor]] = {}  # router logits' layouts -> their buffers
+
+    def router_buffers(self, layouts: tuple) -> list[torch.Tensor]:
+        """An MoE layer's router logits (what a forward graph copies out of its pool) or their gradients (what a
+        backward graph reads): layers with the same layouts share them, as they share the others."""
+        if layouts not in self.routed:
+            self.routed[layouts] = [torch.empty(shape, dtype=dtype, device=self.hidden.device)
+                                    for shape, dtype in layouts]
+        return self.routed[layouts]
 
     @staticmethod
     def _like(value):
@@ -128,6 +142,7 @@ class Entry:
         self.backward: torch.cuda.CUDAGraph | None = None
         self.params: list[torch.Tensor] = []
         self.sinks: list[torch.Tensor] = []  # where the backward graph adds each parameter's gradient
+        self.router: list[torch.Tensor] = []  # the static router logits the forward graph writes
         self.replays_attention = False  # the backward graph reads the attention's saved output and tensors
 
 
@@ -138,15 +153,17 @@ class LayerGraphs:
         self.module, self.shared, self.saver = module, shared, saver  # saver: offloaded_attention.AttentionSaver
         self.entries: dict = {}
         self.seen: dict = {}
+        self.router_layouts: dict = {}  # key -> the shapes and dtypes of the router logits its eager run recorded
         shared.layers.append(self)
 
     @property
     def replaying(self) -> bool:
         return any(entry.forward and entry.backward for entry in self.entries.values())
 
-    def _entry(self, run, hidden, kind: str):
-        """The entry and static run for this call, or None to run eagerly (first sighting, unsupported call)."""
-        if self.shared.broken is not None or not hidden.is_cuda or (key := call_signature(run, hidden)) is None:
+    def _entry(self, run, hidden, kind: str, routed: bool):
+        """The entry, static buffers, static run and router logits' layouts for this call, or None to run eagerly
+        (first sighting, unsupported call). routed: whether the model records router logits in this pass."""
+        if self.shared.broken is not None or not hidden.is_cuda or (key := self._key(run, hidden, routed)) is None:
             return None
         entry = self.entries.get(key)
         if entry is None:
@@ -159,40 +176,60 @@ class LayerGraphs:
         statics = self.shared.statics_for(key, hidden, run.keywords)
         statics.load(run.keywords)
         static_run = functools.partial(run.func, *run.args, **statics.keywords)
-        return entry, statics, static_run
+        return entry, statics, static_run, self.router_layouts.get(key, ())
 
-    def forward(self, run, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output without autograd (the checkpointed forward), or None to run it eagerly."""
-        found = self._entry(run, hidden, "forward")
+    @staticmethod
+    def _key(run, hidden, routed: bool):
+        signature = call_signature(run, hidden)
+        return None if signature is None else (signature, routed)
+
+    def learn_router_logits(self, run, hidden: torch.Tensor, router_logits) -> None:
+        """After an eager forward (router_logits.RouterLogits): the layouts of the router logits it recorded, for
+        the static buffers of this call's graphs (made before a capture, outside the graphs' pool)."""
+        if router_logits.wanted and hidden.is_cuda and (key := self._key(run, hidden, True)) is not None:
+            self.router_layouts[key] = tuple((tuple(t.shape), t.dtype) for t in router_logits.logits)
+
+    def forward(self, run, hidden: torch.Tensor, router_logits) -> torch.Tensor | None:
+        """The layer's output without autograd (the checkpointed forward), or None to run it eagerly. An MoE layer's
+        router logits (router_logits.RouterLogits) are copied out of the graph and recorded for the model."""
+        found = self._entry(run, hidden, "forward", router_logits.wanted)
         if found is None:
             return None
-        entry, statics, static_run = found
+        entry, statics, static_run, layouts = found
         statics.hidden.copy_(hidden)
         if entry.forward is None:
+            buffers = statics.router_buffers(layouts)
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"), \
                         torch.no_grad(), _autocast_uncached(hidden):
-                    statics.result.copy_(_only_tensor(static_run(statics.hidden)))
+                    recorded = []
+                    with recorded_into(recorded) if router_logits.wanted else contextlib.nullcontext():
+                        statics.result.copy_(_only_tensor(static_run(statics.hidden)))
+                    for buffer, logits in zip(buffers, _as_learned(recorded, layouts)):
+                        buffer.copy_(logits)
                     if self.saver is not None:
                         self.saver.join()  # the attention's copies to the host end inside the graph
             except Exception as error:  # noqa: BLE001 (any capture failure: fall back, say why)
                 self.shared.fail(error)
                 return None
-            entry.forward = graph
+            entry.forward, entry.router = graph, buffers
         entry.forward.replay()
+        if entry.router:
+            router_logits.replayed([buffer.clone() for buffer in entry.router])
         return statics.result.clone()  # the static buffer is the next layer's output as well
 
-    def backward(self, run, loaded: list, grad: torch.Tensor, saved=None) -> torch.Tensor | None:
-        """Recompute the layer from its input (loaded[0]) and backpropagate grad: adds the parameters' gradients to
-        `.grad` and returns the input's gradient, or None to do it eagerly (from loaded[0], which may then be the
-        static copy). The caller has set the RNG and autocast state of the forward. saved: the layer's attention
-        kept on the host (offloaded_attention.SavedForward), if any."""
+    def backward(self, run, loaded: list, grads: tuple, saved=None, routed: bool = False) -> torch.Tensor | None:
+        """Recompute the layer from its input (loaded[0]) and backpropagate grads (the output's, then its router
+        logits', None for those the loss did not read): adds the parameters' gradients to `.grad` and returns the
+        input's gradient, or None to do it eagerly (from loaded[0], which may then be the static copy). The caller
+        has set the RNG and autocast state of the forward. saved: the layer's attention kept on the host
+        (offloaded_attention.SavedForward), if any; routed: whether the forward recorded router logits."""
         hidden = loaded[0]
-        found = self._entry(run, hidden, "backward")
+        found = self._entry(run, hidden, "backward", routed)
         if found is None:
             return None
-        entry, statics, static_run = found
+        entry, statics, static_run, layouts = found
         replays_attention = saved is not None and (entry.replays_attention if entry.backward
                                                    else saved.graph is not None)
         if entry.backward is not None and entry.replays_attention and not replays_attention:
@@ -200,14 +237,20 @@ class LayerGraphs:
         with torch.no_grad():  # the buffers stay out of the caller's autograd graph
             statics.hidden.copy_(hidden)
             loaded[0] = hidden = statics.hidden  # the loaded input's memory goes back before the replay
-            statics.grad.copy_(grad)
+            statics.grad.copy_(grads[0])
+            router_grads = statics.router_buffers(layouts)
+            for buffer, grad in zip(router_grads, grads[1:]):  # None: a zero gradient, for a fixed graph
+                if grad is None:
+                    buffer.zero_()
+                else:
+                    buffer.copy_(grad)
             if replays_attention:  # the graph reads it first and writes the input's gradient over it last
                 statics.result.copy_(saved.take_output(hidden.device))
         if entry.backward is None:
             if replays_attention:
                 saved.output, self.saver.replaying = statics.result, saved
             entry.replays_attention = replays_attention
-            if not self._capture_backward(entry, statics, static_run, hidden):
+            if not self._capture_backward(entry, statics, static_run, hidden, routed, router_grads):
                 return None
         sinks = entry.sinks
         fresh = [sink for param, sink in zip(entry.params, sinks) if param.grad is not sink]
@@ -221,10 +264,11 @@ class LayerGraphs:
                 param.grad.add_(sink)
         return statics.result.clone()
 
-    def _capture_backward(self, entry, statics, static_run, hidden) -> bool:
+    def _capture_backward(self, entry, statics, static_run, hidden, routed: bool, router_grads: list) -> bool:
         """The backward graph adds each parameter's gradient into a sink of ordinary memory, never into the pool:
         the pool's memory is reused by every graph, and a gradient must outlive the next replay (gradient
-        accumulation runs forward graphs between backward ones)."""
+        accumulation runs forward graphs between backward ones). The rerun's router logits, where the forward
+        recorded some, are backpropagated with router_grads."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         sinks = [torch.zeros_like(p) for p in params]
         kept = [p.grad for p in params]
@@ -234,9 +278,12 @@ class LayerGraphs:
         try:
             with torch.cuda.graph(graph, pool=self.shared.pool, capture_error_mode="thread_local"):
                 layer_input = statics.hidden.detach().requires_grad_(True)
-                with torch.enable_grad(), _autocast_uncached(hidden):
+                rerun = []
+                with torch.enable_grad(), _autocast_uncached(hidden), \
+                        recorded_into(rerun) if routed else contextlib.nullcontext():
                     out = _only_tensor(static_run(layer_input))
-                torch.autograd.backward(out, statics.grad, inputs=[layer_input, *params])
+                _as_learned(rerun, tuple((tuple(grad.shape), grad.dtype) for grad in router_grads))
+                torch.autograd.backward([out, *rerun], [statics.grad, *router_grads], inputs=[layer_input, *params])
                 statics.result.copy_(layer_input.grad)
             replaced = [p for p, sink in zip(params, sinks) if p.grad is not sink]
             if replaced:
@@ -251,6 +298,14 @@ class LayerGraphs:
         entry.params, entry.sinks = params, sinks
         entry.backward = graph
         return True
+
+
+def _as_learned(logits: list, layouts: tuple) -> list:
+    """The router logits a capture recorded, where they are the ones the eager run recorded."""
+    found = tuple((tuple(t.shape), t.dtype) for t in logits)
+    if found != layouts:
+        raise Unsupported(f"the layer recorded router logits {found} in the capture, {layouts} in its eager run")
+    return logits
 
 
 def _only_tensor(out):

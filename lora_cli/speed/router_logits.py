@@ -9,6 +9,8 @@ returns the logits recorded while its layer runs as outputs of its own, so autog
 tensors, the ones transformers holds, and its backward records the rerun's logits the same way to backpropagate
 their gradients.
 
+A layer replayed as a CUDA graph runs no hook: cuda_graphs.py records the logits its graph made (`replayed`).
+
 Both read transformers' collector, not hooks of ours: the logits are those transformers records, from the modules
 it hooks, and only where the model was asked for them (output_router_logits, in the config, where TRL sets it, or
 in the call); a dense model records none, and its checkpoint returns what it did before.
@@ -26,21 +28,31 @@ ACTIVE_COLLECTOR = getattr(output_capturing, "_active_collector", None)
 
 class RouterLogits:
     """The router logits one checkpointed layer's forward recorded, which its autograd Function returns after the
-    layer's own output."""
+    layer's own output. Made while the model's forward runs, so it finds the list transformers records them in."""
 
     def __init__(self):
+        collected = ACTIVE_COLLECTOR.get() if ACTIVE_COLLECTOR is not None else None
+        self.records = collected.get(RECORDER_KEY) if collected else None  # None: the model records none now
         self.logits = []
         self.tuple_output = False  # whether the layer's own output is a tuple (flattened before the logits)
+
+    @property
+    def wanted(self) -> bool:
+        return self.records is not None
 
     @contextlib.contextmanager
     def recording(self):
         """Keep the router logits transformers records while the layer runs in the model's forward."""
-        collected = ACTIVE_COLLECTOR.get() if ACTIVE_COLLECTOR is not None else None
-        recorded = collected.get(RECORDER_KEY) if collected else None
-        start = len(recorded) if recorded is not None else 0
+        start = len(self.records) if self.records is not None else 0
         yield
-        if recorded is not None:
-            self.logits += recorded[start:]
+        if self.records is not None:
+            self.logits += self.records[start:]
+
+    def replayed(self, logits: list) -> None:
+        """Keep, and record as transformers' hooks would have, the router logits a CUDA graph's replay made (no hook
+        runs in a replay: cuda_graphs.py)."""
+        self.records.extend(logits)
+        self.logits += logits
 
     def function_outputs(self, output):
         """What the Function returns: the layer's output, then the router logits (the output alone without any)."""
@@ -58,9 +70,10 @@ class RouterLogits:
 
 
 @contextlib.contextmanager
-def rerun_recording(logits: list):
-    """Append to logits the router logits of the layer rerun in the block (in the backward, after the model's forward
-    and its collector are gone), through transformers' hooks, which the forward that recorded them installed."""
+def recorded_into(logits: list):
+    """Append to logits the router logits of the layer run in the block, through transformers' hooks, which the
+    model's forward installed: a rerun in the backward, after that forward and its collector are gone, or a CUDA
+    graph's capture, whose tensors live in the graph's memory pool (cuda_graphs.py copies them out)."""
     token = ACTIVE_COLLECTOR.set({RECORDER_KEY: logits})
     try:
         yield

@@ -11,7 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from lora_cli.experts import expert_parameters
 from lora_cli.speed.fused_mlp import fuse_gated_mlps
+from lora_cli.speed.grouped_experts import group_expert_adapters
 from lora_cli.speed.kernels import triton_available
 from lora_cli.speed.lora_linear import fuse_lora_layers
 
@@ -20,7 +22,8 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU throug
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 
-def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, seed=0, untied=False):
+def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, seed=0, untied=False, experts=False):
+    """experts: the routed experts' weights too (lora.target_experts)."""
     kwargs = {"dtype": torch.float32, "device_map": {"": device}}
     if untied:  # an LM head of its own (random), apart from the input embedding
         kwargs["tie_word_embeddings"] = False
@@ -31,11 +34,23 @@ def peft_model(base_dir, device, quantized=False, dropout=0.0, use_dora=False, s
     base = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
-                                            use_dora=use_dora))
+                                            use_dora=use_dora,
+                                            target_parameters=expert_parameters(base) if experts else None))
     for name, param in model.named_parameters():
         if "lora_B" in name:  # a fresh adapter has B = 0, which would hide errors in A's gradient
             torch.nn.init.normal_(param, std=0.05)
     return model.train()
+
+
+def routed_model(base_dir, device, experts=False):
+    """An MoE model with PEFT's all-linear: the attention projections (and on Qwen3-MoE and Mixtral the router and
+    experts), so the load-balancing loss reaches adapters through the hidden states, which the checkpoint's rerun
+    recomputes; with experts, the routed experts' weights through their grouped LoRA, as lora train runs them."""
+    model = peft_model(base_dir, device, experts=experts)
+    fuse_lora_layers(model)
+    if experts:
+        group_expert_adapters(model)
+    return model
 
 
 def enable_checkpointing(model) -> None:

@@ -1,7 +1,6 @@
 """Offloaded checkpointing and lean recomputation (lora_cli/speed/checkpointing.py, recomputation.py) against
 transformers' checkpointing: same loss, same gradients."""
 
-import functools
 import weakref
 
 import pytest
@@ -9,9 +8,8 @@ import torch
 
 from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.lora_linear import fuse_lora_layers
-from lever_models import (DEVICES, assert_same, checkpointed_fused_model, enable_checkpointing, loss_and_grads,
-                          peft_model)
-from tiny_models import FAMILY
+from lever_models import (DEVICES, assert_same, checkpointed_fused_model, loss_and_grads, peft_model,
+                          routed_model)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -281,35 +279,6 @@ def test_recomputed_layer_inputs_with_lora_trains_long_sequence_levers(four_laye
 # MoE: the router's load-balancing loss, from router logits the checkpointed layers record (router_logits.py).
 
 ROUTED = ["qwen3_moe", "mixtral", "gpt_oss"]
-
-
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory):
-    """A saved tiny random MoE model of a family (tests/tiny_models.py) with its router logits asked for, as TRL asks
-    for them, and its load-balancing loss in the loss weighted 1 (Qwen3-MoE's and Mixtral's 0.001 would leave its
-    gradient within the tolerance)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    @functools.cache
-    def saved(name: str, layers: int = 2):
-        family = FAMILY[name]
-        config = AutoConfig.for_model(family.model_type, **{**family.config, "num_hidden_layers": layers},
-                                      vocab_size=1024, pad_token_id=0, output_router_logits=True,
-                                      router_aux_loss_coef=1.0)
-        torch.manual_seed(0)
-        out = tmp_path_factory.mktemp(f"{name}-{layers}")
-        AutoModelForCausalLM.from_config(config).save_pretrained(out)
-        return out
-
-    return saved
-
-
-def routed_model(base_dir, device):
-    """PEFT's all-linear: the attention projections (and on Qwen3-MoE and Mixtral the router and experts), so the
-    load-balancing loss reaches adapters through the hidden states, which the checkpoint's rerun recomputes."""
-    model = peft_model(base_dir, device)
-    fuse_lora_layers(model)
-    return model
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_cli.speed.checkpointing import offloaded_checkpointing
-from lever_models import assert_same, checkpointed_fused_model
+from lever_models import assert_same, checkpointed_fused_model, enable_checkpointing, routed_model
 
 
 def graphed_runs(model, device, runs=3, length=24, accumulate=1):
@@ -72,3 +72,23 @@ def test_cuda_graphs_follow_a_new_shape(tiny_llama):
     for length, reference in [(24, short), (24, short), (40, long), (40, long), (24, short), (40, long)]:
         assert_same(reference, graphed_runs(model, "cuda", runs=1, length=length)[0], 1e-5)
     assert pool.broken is None and [len(layer.entries) for layer in pool.layers] == [2, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss", "mixtral"])
+def test_moe_layers_replayed_keep_the_router_loss(tiny_moe_dir, name):
+    """Replayed MoE layers (in bf16, the experts through their grouped LoRA, as lora train runs them on a GPU)
+    return the router logits their graphs made: the load-balancing loss (weighted 1) and every gradient are the
+    eager layers', step after step."""
+    model = routed_model(tiny_moe_dir(name), "cuda", experts=True).to(torch.bfloat16)
+    enable_checkpointing(model)
+    offloaded_checkpointing(model, offload_attention=True)
+    reference = graphed_runs(model, "cuda")[0]
+    _, pool = offloaded_checkpointing(model, cuda_graphs=True, offload_attention=True)
+    runs = graphed_runs(model, "cuda", runs=4)
+    assert pool.broken is None and all(layer.replaying for layer in pool.layers)
+    for run in runs:  # eager warm-up, capture and replay, replays
+        assert_same(reference, run, 1e-5)
+    ids = torch.randint(10, 1000, (2, 24), device="cuda")
+    outputs = model(input_ids=ids, labels=ids)
+    assert outputs.aux_loss.requires_grad and len(outputs.router_logits) == model.config.num_hidden_layers
