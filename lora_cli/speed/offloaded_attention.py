@@ -307,7 +307,9 @@ class AttentionSaver:
     against 39, at 32,768 tokens of the Llama-3.1-8B shape (row 2026-12-07-h100-af9fe47 of
     benchmarks/results/results.csv; the grown buffers are not measured there yet). Where the memory plan's tokens a
     step are known (max_tokens), a per-token buffer is made that large at once, so a longer row later grows none
-    (planned_room). Sharing is safe: a layer has one forward at a time waiting for its backward."""
+    (planned_room). Sharing is safe: a layer has one forward at a time waiting for its backward. Once a CUDA graph
+    has captured copies to a buffer's address, a longer call gets a buffer of its own instead of growing that one,
+    which is kept for the graph."""
 
     def __init__(self, stream, max_tokens: int | None = None):
         self.stream = stream
@@ -315,6 +317,7 @@ class AttentionSaver:
         self.forwards: collections.OrderedDict = collections.OrderedDict()
         self.captured: set = set()  # signatures whose forward a CUDA graph captured: kept
         self.buffers: dict = {}  # place -> pinned host buffer
+        self.retired: list = []  # buffers a captured graph copies to, outgrown by a longer call since
         self.key = None  # the signature of the layer call running now (set by OffloadedCheckpoint)
         self.replaying: SavedForward | None = None  # the saved forward the rerun replays
         self.accumulators: list = []  # the adapters' AccumulateGrad nodes, held (install_saver says why)
@@ -372,8 +375,10 @@ class AttentionSaver:
         tokens tokens (0: not per token)."""
         buffer = self.buffers.get(place)
         if buffer is None or buffer.numel() < count:
-            if capturing_now() or (buffer is not None and self.captured):  # a graph copies to the buffers' addresses
+            if capturing_now():  # its eager run before made the buffers it needs: these are other tensors
                 raise Unsupported("the attention saved other tensors than under its CUDA graph")
+            if buffer is not None and self.captured:  # a graph copies to this address: a new buffer, this one kept
+                self.retired.append(self.buffers.pop(place))  # (held: its pinning ends when it is collected)
         return grown_host_buffer(self.buffers, place, count, self.stream, planned_room(count, tokens, self.max_tokens))
 
     def _evict(self) -> None:
