@@ -1,10 +1,10 @@
 """Other attention kernels for unpacked rows on Hopper GPUs: cuDNN's SDPA or FlexAttention (`speed.attention_kernel`).
 
-Why: at 32,768 tokens and more, attention is about half of a QLoRA step of the Llama-3.1-8B shape, and SDPA's
-default there is its FlashAttention-2 kernel, written before Hopper. cuDNN's fused attention (torch's
-SDPBackend.CUDNN_ATTENTION) uses Hopper's tensor-memory instructions; FlexAttention is torch's compiled attention.
-Neither is measured yet: the setting stays `sdpa` until `benchmarks/speed.py --modes qlora,qlora_cudnn,qlora_flex`
-at BENCH_SEQ_LEN=32768 says which is faster (docs/long-sequences.md has the command). FlashAttention-3 is not
+Why: at 32,768 tokens and more, attention is about half of a QLoRA step of the Llama-3.1-8B shape. cuDNN's fused
+attention (torch's SDPBackend.CUDNN_ATTENTION) uses Hopper's tensor-memory instructions, where SDPA's FlashAttention-2
+kernel predates them; FlexAttention is torch's compiled attention. Measured at 65,536 tokens on an H100
+(docs/long-sequences.md, row 2026-12-07-h100-4f914a4-2): cudnn ran at the speed of `sdpa`, whose kernel there
+already is cuDNN's (torch 2.11 picks it); flex is not measured. The setting stays `sdpa`. FlashAttention-3 is not
 installable from PyPI (its wheels are built from source or fetched from the Hugging Face Hub), so it is not here.
 
 - cudnn: transformers' SDPA attention inside `sdpa_kernel`, cuDNN first, then the other backends in torch's
