@@ -6,7 +6,7 @@ The counts are PEFT's own. The model is built on the meta device from its config
 come out as they are. Configs come from a local folder (or its config.json), from the hub when it is
 reachable (HF_HUB_OFFLINE is respected), from the hub cache, else from the registry in `architectures.py`.
 
-The memory plan is memory.py's.
+The memory plan is lora_cli/memory's.
 
 Public functions, callable without the CLI:
   inspect_params(model, ranks=None, target=None, alpha=None, dora=False, rslora=False, dropout=None,
@@ -34,8 +34,10 @@ from lora_cli.adapters import linear_module_names, lora_config
 from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError, did_you_mean
 from lora_cli.experts import experts_modules, language_layers
-from lora_cli.memory import (GIB, METHOD_NAMES, MIB, Layout, build_meta_model, format_memory_plan, layer_key,
-                             layout_of, linear_shape, method_step, plan_for_layout, recipe_value, text_table)
+from lora_cli.memory.device import GIB, MIB
+from lora_cli.memory.layout import Layout, build_meta_model, layer_key, layout_of, linear_shape
+from lora_cli.memory.plan import method_step, plan_for_layout, recipe_value
+from lora_cli.memory.report import METHOD_NAMES, format_memory_plan, text_table
 from lora_cli.models import hub_reachable, load_config, looks_like_path, resolve_model_path
 from lora_cli.recipe import LoraSection, SpeedSection, config_default, load_recipe
 from lora_cli.speed.policy import fit_offloading, host_memory, memory_refusal

@@ -27,7 +27,7 @@ from lora_cli.checkpoints import (
 from lora_cli.errors import LoraError
 from lora_cli.evaluate.run import read_recipe_eval, run_recipe_eval
 from lora_cli.library_fixes import fix_for_training
-from lora_cli.memory import format_memory_plan
+from lora_cli.memory.report import format_memory_plan
 from lora_cli.models import hide_library_notices, load_base_for_recipe, pick_dtype
 from lora_cli.outputs import finish, write_json
 from lora_cli.reporting import drop_metrics_after

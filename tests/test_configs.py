@@ -30,7 +30,7 @@ def test_shipped_recipes_validate(path: Path, tmp_path):
 def test_the_gpu_memory_a_recipe_states_is_its_plan(path: Path):
     """A header's "peak 8.6 GiB, 10.8 GiB with the CUDA context" is its row of lora inspect-params --recipe."""
     from lora_cli.inspect_params import inspect_recipe
-    from lora_cli.memory import GIB
+    from lora_cli.memory.device import GIB
 
     header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
     stated = re.search(r"peak ([\d.]+) GiB, ([\d.]+) GiB with the CUDA context", header)

@@ -93,8 +93,8 @@ def test_a_cycle_added_back_is_found(tmp_path):
     """The check itself: the memory model importing training again, inside a function, is a cycle."""
     copy = tmp_path / "lora_cli"
     shutil.copytree(PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    memory = copy / "memory.py"
+    memory = copy / "memory" / "plan.py"
     memory.write_text(memory.read_text(encoding="utf-8") + "\n\ndef _plan_of_a_run():\n"
                       "    from lora_cli.train import train\n", encoding="utf-8")
     cycle = find_cycle(import_graph(copy, "lora_cli"))
-    assert cycle is not None and cycle[0] == cycle[-1] and "lora_cli.memory" in cycle and "lora_cli.train" in cycle
+    assert cycle is not None and cycle[0] == cycle[-1] and "lora_cli.memory.plan" in cycle and "lora_cli.train" in cycle

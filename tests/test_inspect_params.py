@@ -12,7 +12,9 @@ from lora_cli.architectures import ARCHITECTURES, find_architecture
 from lora_cli.errors import LoraError
 from lora_cli.experts import language_layers
 from lora_cli.inspect_params import format_report, inspect_params, registry_config
-from lora_cli.memory import GIB, build_meta_model, memory_plan
+from lora_cli.memory.device import GIB
+from lora_cli.memory.layout import build_meta_model
+from lora_cli.memory.plan import memory_plan
 
 GPT2_PEFT_LINE = "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364"
 LLAMA_31_8B_ALL_LINEAR_R16 = 41_943_040

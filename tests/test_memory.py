@@ -1,4 +1,4 @@
-"""The memory plan at long sequences (lora_cli/memory.py): what it counts against what the code keeps, and that no
+"""The memory plan at long sequences (lora_cli/memory/lora_train.py): what it counts against what the code keeps, and that no
 L x L tensor is made on the paths lora train uses."""
 
 import dataclasses
@@ -10,8 +10,11 @@ from transformers.masking_utils import create_causal_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import (GIB, Offloading, attention_host_bytes, default_offloading, layer_input_places,
-                             layout_and_trained, lora_train_plan, loss_chunk_rows, memory_plan, mlp_intermediate_bytes)
+from lora_cli.memory.device import GIB
+from lora_cli.memory.layout import layout_and_trained
+from lora_cli.memory.lora_train import (Offloading, attention_host_bytes, default_offloading, layer_input_places,
+                                        lora_train_plan, loss_chunk_rows, mlp_intermediate_bytes)
+from lora_cli.memory.plan import memory_plan
 from lora_cli.speed.varlen import varlen_mask
 
 LENGTH = 1024

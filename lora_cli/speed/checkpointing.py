@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from lora_cli.memory import layer_input_places
+from lora_cli.memory.lora_train import layer_input_places
 from lora_cli.speed.cuda_graphs import GraphPool, LayerGraphs, call_signature
 from lora_cli.speed.offloaded_attention import gradient_anchor, grown_host_buffer, install_saver, planned_room
 from lora_cli.speed.recomputation import Recomputation, lean_recompute_supported, mark_unread_in_recompute
@@ -34,7 +34,7 @@ class HostOffloader:
     Forward: each layer input is copied out while the layer computes; at the next layer the compute stream waits
     for that copy and the input is let go. Backward (last layer first): the input of the layer that recomputes
     next is brought back while the current one runs. Tensors already on the host (a CPU run, as in the tests) are
-    kept as they are, and so are the inputs placed on the GPU (memory.layer_input_places: speed/policy.py keeps
+    kept as they are, and so are the inputs placed on the GPU (memory.lora_train.layer_input_places: speed/policy.py keeps
     them there where host memory has no room for them; the first layers' go to the host, whose backward comes last).
 
     Recomputed inputs (placed so where the GPU has no room for them either): a layer's input is the output of the
@@ -310,7 +310,7 @@ def offloaded_checkpointing(model, cuda_graphs: bool = False, lean_recompute: bo
                             recomputed_layers: int = 0, max_tokens: int | None = None):
     """Make every checkpointed decoder layer keep its input on the host (only host_layers layers', when given: the
     others keep theirs on the GPU), but recomputed_layers layers, whose input the backward makes again from the
-    layer before's (memory.layer_input_places says which); with cuda_graphs (on a GPU) run as CUDA graphs
+    layer before's (memory.lora_train.layer_input_places says which); with cuda_graphs (on a GPU) run as CUDA graphs
     (cuda_graphs.py), with lean_recompute rerun without its last projection where the architecture allows
     (LLAMA_STYLE_MODEL_TYPES), with offload_attention its attention kept on the host too where it can be
     (offloaded_attention.py); max_tokens: the memory plan's tokens a step, which the host buffers are made for at

@@ -34,7 +34,7 @@ import types
 
 import torch
 
-from lora_cli.memory import loss_chunk_rows
+from lora_cli.memory.lora_train import loss_chunk_rows
 
 # Configs that scale or cap the logits before the loss (TRL's fused head reads the same ones).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -75,7 +75,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows, width = hidden.shape
         vocab = weight.shape[0]
         weight = weight.to(hidden.dtype)
-        chunk = loss_chunk_rows(vocab, width, rows)  # Liger's chunk, bounded at long sequences (memory.py)
+        chunk = loss_chunk_rows(vocab, width, rows)  # Liger's chunk, bounded at long sequences (memory/lora_train.py)
         logits = hidden.new_empty(chunk, vocab)
         losses = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
         right = torch.zeros(rows, dtype=torch.float32, device=hidden.device)

@@ -1,5 +1,5 @@
 """Which GPU levers a run gets: the library settings lora sets on a GPU unless the recipe sets them, from the
-memory plan (memory.py) and the GPU's free memory.
+memory plan (lora_cli/memory) and the GPU's free memory.
 
 - use_liger_kernel: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) where Liger supports the architecture.
 - gradient_checkpointing: bf16 LoRA turns recomputation off when the step fits without it (it costs about a third
@@ -9,7 +9,7 @@ memory plan (memory.py) and the GPU's free memory.
 - Host memory (choose_offloading, before the model loads): offloading pins host memory, which a long sequence can
   exhaust, and the kernel's out-of-memory killer then ends the run without a message (issue 27). The levers that
   pin it are chosen to fit this machine's host memory and the GPU's, or the run is refused with the numbers.
-- Tiled MLP (speed.tiled_mlp) where one layer's MLP intermediates would be large (memory.tiled_mlp_pays).
+- Tiled MLP (speed.tiled_mlp) where one layer's MLP intermediates would be large (memory.lora_train.tiled_mlp_pays).
 """
 
 import dataclasses
@@ -24,9 +24,11 @@ from accelerate import PartialState
 
 from lora_cli.adapters import lora_parameter_count
 from lora_cli.errors import LoraError
-from lora_cli.memory import (GIB, Offloading, attention_offloadable, layout_and_trained, lora_train_plan,
-                             memory_plan, method_step, mlp_intermediate_bytes, plan_for_layout, recipe_value,
-                             tiled_mlp_pays)
+from lora_cli.memory.device import GIB
+from lora_cli.memory.layout import layout_and_trained
+from lora_cli.memory.lora_train import (Offloading, attention_offloadable, lora_train_plan, mlp_intermediate_bytes,
+                                        tiled_mlp_pays)
+from lora_cli.memory.plan import memory_plan, method_step, plan_for_layout, recipe_value
 
 LIGER_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                      "granite", "olmo2", "glm4"}
@@ -84,7 +86,7 @@ def gpu_speed_defaults(model, recipe, training: dict) -> dict:
 
 
 def planned_step(recipe, training: dict) -> tuple[int, int]:
-    """(sequences, tokens each) of the recipe's training step as the memory plan counts them (memory.method_step:
+    """(sequences, tokens each) of the recipe's training step as the memory plan counts them (memory.plan.method_step:
     DPO's chosen and rejected completions, GRPO's prompt and completion), from the training settings, else the
     method's defaults."""
     recipe_or_default = recipe_value(recipe)
@@ -191,7 +193,7 @@ def cgroup_memory(root: Path) -> tuple[int | None, int]:
 
 @dataclass
 class MemoryChoice:
-    """The memory levers a run gets (memory.Offloading), their plan (memory.lora_train_plan) and why any is off."""
+    """The memory levers a run gets (memory.lora_train.Offloading), their plan (lora_train_plan) and why any is off."""
 
     offloading: Offloading
     plan: dict
@@ -206,11 +208,11 @@ def choose_offloading(lay, row: dict, trained: list, rank: int, dropout: float, 
     """The levers that fit both the host memory (its share for each of this machine's processes) and the GPU
     (gpu_available; None: not checked). In order: all that the recipe allows; offload_attention off; the layer
     inputs of only the first layers on the host, the rest on the GPU; where the GPU cannot hold the rest, the fewest
-    recomputed layer inputs (made again in the backward from the layer before's, memory.layer_input_places) that
+    recomputed layer inputs (made again in the backward from the layer before's, memory.lora_train.layer_input_places) that
     let it. LoraError when even the most recomputed inputs leave the GPU more than it holds: a run that would pin
     more host memory than there is gets killed without a message.
 
-    lay, row, trained: memory.layout_and_trained and the plan's row of the method with checkpointing on."""
+    lay, row, trained: memory.layout.layout_and_trained and the plan's row of the method with checkpointing on."""
     arguments = (lay, row, trained, rank, dropout, tokens, speed, host, gpu_available, processes, liger_norms)
     chosen = fit_offloading(*arguments)
     if chosen.refused:

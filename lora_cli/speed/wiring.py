@@ -6,7 +6,7 @@ import torch
 from accelerate import PartialState
 from transformers import TrainerCallback
 
-from lora_cli.memory import TILED_MLP_TOKENS
+from lora_cli.memory.lora_train import TILED_MLP_TOKENS
 from lora_cli.speed.attention_kernels import use_attention_kernel
 from lora_cli.speed.checkpointing import offloaded_checkpointing
 from lora_cli.speed.coverage import off_reasons

@@ -3,7 +3,7 @@
 import pytest
 
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import build_meta_model
+from lora_cli.memory.layout import build_meta_model
 from lora_cli.speed.coverage import off_reasons
 
 

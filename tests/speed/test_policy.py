@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM
 from lora_cli.adapters import lora_parameter_count
 from lora_cli.errors import LoraError
 from lora_cli.inspect_params import registry_config
-from lora_cli.memory import Offloading, format_memory_plan, layout_and_trained, lora_train_plan, memory_plan
+from lora_cli.memory.layout import layout_and_trained
+from lora_cli.memory.lora_train import Offloading, lora_train_plan
+from lora_cli.memory.plan import memory_plan
+from lora_cli.memory.report import format_memory_plan
 from lora_cli.recipe import LoraSection, SpeedSection
 from lora_cli.speed.policy import HOST_MEMORY_ENV, HostMemory, choose_checkpointing, choose_offloading, host_memory
 
