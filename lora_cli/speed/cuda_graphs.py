@@ -250,7 +250,7 @@ class LayerGraphs:
             if replays_attention:
                 saved.output, self.saver.replaying = statics.result, saved
             entry.replays_attention = replays_attention
-            if not self._capture_backward(entry, statics, static_run, hidden, routed, router_grads):
+            if not self._capture_backward(entry, statics, static_run, hidden, routed, layouts):
                 return None
         sinks = entry.sinks
         fresh = [sink for param, sink in zip(entry.params, sinks) if param.grad is not sink]
@@ -264,11 +264,11 @@ class LayerGraphs:
                 param.grad.add_(sink)
         return statics.result.clone()
 
-    def _capture_backward(self, entry, statics, static_run, hidden, routed: bool, router_grads: list) -> bool:
+    def _capture_backward(self, entry, statics, static_run, hidden, routed: bool, layouts: tuple) -> bool:
         """The backward graph adds each parameter's gradient into a sink of ordinary memory, never into the pool:
         the pool's memory is reused by every graph, and a gradient must outlive the next replay (gradient
         accumulation runs forward graphs between backward ones). The rerun's router logits, where the forward
-        recorded some, are backpropagated with router_grads."""
+        recorded some (of these layouts), are backpropagated with their gradients' static buffers."""
         params = [p for p in self.module.parameters() if p.requires_grad]
         sinks = [torch.zeros_like(p) for p in params]
         kept = [p.grad for p in params]
@@ -282,8 +282,9 @@ class LayerGraphs:
                 with torch.enable_grad(), _autocast_uncached(hidden), \
                         recorded_into(rerun) if routed else contextlib.nullcontext():
                     out = _only_tensor(static_run(layer_input))
-                _as_learned(rerun, tuple((tuple(grad.shape), grad.dtype) for grad in router_grads))
-                torch.autograd.backward([out, *rerun], [statics.grad, *router_grads], inputs=[layer_input, *params])
+                router_grads = statics.router_buffers(layouts)
+                torch.autograd.backward([out, *_as_learned(rerun, layouts)], [statics.grad, *router_grads],
+                                        inputs=[layer_input, *params])
                 statics.result.copy_(layer_input.grad)
             replaced = [p for p, sink in zip(params, sinks) if p.grad is not sink]
             if replaced:
