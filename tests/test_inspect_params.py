@@ -331,7 +331,7 @@ def test_seq_len_shows_gpu_and_host_memory(capsys, monkeypatch):
                       "--dropout", "0"], capsys)
     assert result.code == 0, result.err
     assert "host: layer inputs  attention  embedding  process  host total" in result.out
-    assert "QLoRA (NF4 + DQ)     22.82   26.45               32.00     113.00       1.00     4.00      150.00" \
+    assert "QLoRA (NF4 + DQ)     21.82   25.35               32.00     113.00       1.00     4.00      150.00" \
         in result.out
     assert "This machine: 64.0 GiB available (LORA_HOST_MEMORY_BYTES" in result.out
     assert "QLoRA (NF4 + DQ): offload_attention: host memory: needs 150.0 GiB, 57.6 available" in result.out
@@ -357,7 +357,7 @@ def test_seq_len_shows_what_the_fitted_levers_leave_on_the_gpu(monkeypatch):
 
 def test_seq_len_shows_recomputed_layer_inputs_and_refusals(capsys, monkeypatch):
     """500,000 tokens with 120 GiB of host memory, planned for an H100 80GB (this machine's GPU is taken away): the
-    host holds 27 layer inputs, the GPU cannot hold the other 5, four are recomputed in the backward and the QLoRA
+    host holds 27 layer inputs, the GPU cannot hold the other 5, three are recomputed in the backward and the QLoRA
     step fits (bf16 LoRA's does not).
     At 700,000 tokens not even every other input recomputed fits: lora train would refuse, and the note says why."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -367,7 +367,7 @@ def test_seq_len_shows_recomputed_layer_inputs_and_refusals(capsys, monkeypatch)
     assert result.code == 0, result.err
     assert "planned for an H100 80GB's 79.1 GiB free (no GPU here);" in result.out
     assert ("QLoRA (NF4 + DQ): offload_attention: host memory: needs 558.1 GiB, 108.0 available; offload_activations: "
-            "27 of 32 layer inputs on the host, 4 recomputed in the backward from the layer before, the rest on the "
+            "27 of 32 layer inputs on the host, 3 recomputed in the backward from the layer before, the rest on the "
             "GPU (host memory: all need 127.1 GiB, 108.0 available); then GPU 78.33 GiB with the CUDA context, host "
             "108.00 GiB") in result.out
     assert "would refuse QLoRA" not in result.out

@@ -4,8 +4,10 @@ Why: at 32,768 tokens and more, attention is about half of a QLoRA step of the L
 attention (torch's SDPBackend.CUDNN_ATTENTION) uses Hopper's tensor-memory instructions, where SDPA's FlashAttention-2
 kernel predates them; FlexAttention is torch's compiled attention. Measured at 65,536 tokens on an H100
 (docs/long-sequences.md, row 2026-12-07-h100-4f914a4-2): cudnn ran at the speed of `sdpa`, whose kernel there
-already is cuDNN's (torch 2.11 picks it); flex is not measured. The setting stays `sdpa`. FlashAttention-3 is not
-installable from PyPI (its wheels are built from source or fetched from the Hugging Face Hub), so it is not here.
+already is cuDNN's (torch 2.11 picks it); flex at 0.68x of it (8 layers, row 2026-12-07-h100-11c9166-2, where its
+attention tensors did not reach host memory: 6.8 GiB of host memory against 20.8). The setting stays `sdpa`.
+FlashAttention-3 is not installable from PyPI (its wheels are built from source or fetched from the Hugging Face
+Hub), so it is not here.
 
 - cudnn: transformers' SDPA attention inside `sdpa_kernel`, cuDNN first, then the other backends in torch's
   order (a call cuDNN does not take falls back instead of failing). The backward is the forward's kernel's.
