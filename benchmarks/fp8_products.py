@@ -17,6 +17,8 @@ import subprocess
 
 import torch
 
+from kernel_tiles import milliseconds
+
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
@@ -38,18 +40,6 @@ def fp8_product(x: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Ten
     """x W^T with W given as e4m3 rows [out, in] and their scales [out, 1]."""
     x_q, x_scale = quantized_rows(x)
     return torch._scaled_mm(x_q, weight_q.t(), scale_a=x_scale, scale_b=weight_scale.t(), out_dtype=torch.bfloat16)
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -77,7 +67,7 @@ def main() -> None:
         }
         for case, (bf16, fp8, count) in cases.items():
             error = ((fp8().float() - bf16().float()).norm() / bf16().float().norm()).item()
-            bf16_ms, fp8_ms = timed(bf16, args.repeats), timed(fp8, args.repeats)
+            bf16_ms, fp8_ms = milliseconds(bf16, args.repeats), milliseconds(fp8, args.repeats)
             totals["bf16"] += count * bf16_ms
             totals["fp8"] += count * fp8_ms
             print(f"{name:>5} {case:>10} x{count}: bf16 {bf16_ms:7.2f} ms ({flops / bf16_ms / 1e9:4.0f} TFLOP/s), "
