@@ -86,6 +86,10 @@ def test_preference_methods_raise_the_held_out_margin(method, tmp_path, tiny_lla
     assert f"| training method | {method.upper()} (TRL) |" in card and "final rewards/margins" in card
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/margins" in record for record in logged)
+    # Tokens a second from the trainer's running count (ORPO's and CPO's trainers keep none: methods/dpo.py counts)
+    assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0
+    rates = [record["tokens_per_second"] for record in logged if "tokens_per_second" in record]
+    assert rates and all(rate > 0 for rate in rates)
     report = json.loads((out / "data_audit.json").read_text())
     assert report["method"] == method and report["audited_examples"] == len(PAIRS) * (2 if method == "kto" else 1)
 
