@@ -23,17 +23,20 @@ class CountsPairTokens:
     rejected rows, prompt included, summed over processes; kept on the device between logged steps (no host sync a
     step), logged as num_tokens for the progress line and kept in _total_train_tokens for the summary."""
 
+    _unlogged_tokens = 0  # a device tensor once a step has counted
+    _total_train_tokens = 0
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             tokens = inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum()
-            self._unlogged_tokens = getattr(self, "_unlogged_tokens", 0) + tokens
+            self._unlogged_tokens = self._unlogged_tokens + tokens
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs, start_time=None):
         if not any(key.startswith("eval_") for key in logs):
-            unlogged = torch.as_tensor(getattr(self, "_unlogged_tokens", 0), device=self.accelerator.device)
+            unlogged = torch.as_tensor(self._unlogged_tokens, device=self.accelerator.device)
             counted = int(self.accelerator.reduce(unlogged, reduction="sum"))
-            self._total_train_tokens = getattr(self, "_total_train_tokens", 0) + counted
+            self._total_train_tokens += counted
             self._unlogged_tokens = 0
             logs["num_tokens"] = self._total_train_tokens
         return super().log(logs, start_time)

@@ -187,7 +187,7 @@ class LayerGraphs:
         """After an eager forward (router_logits.RouterLogits): the layouts of the router logits it recorded, for
         the static buffers of this call's graphs (made before a capture, outside the graphs' pool)."""
         if router_logits.wanted and hidden.is_cuda and (key := self._key(run, hidden, True)) is not None:
-            self.router_layouts[key] = tuple((tuple(t.shape), t.dtype) for t in router_logits.logits)
+            self.router_layouts[key] = layouts_of(router_logits.logits)
 
     def forward(self, run, hidden: torch.Tensor, router_logits) -> torch.Tensor | None:
         """The layer's output without autograd (the checkpointed forward), or None to run it eagerly. An MoE layer's
@@ -301,9 +301,14 @@ class LayerGraphs:
         return True
 
 
+def layouts_of(tensors: list) -> tuple:
+    """The shapes and dtypes of tensors: what a static buffer for each is made from (Statics.router_buffers)."""
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
 def _as_learned(logits: list, layouts: tuple) -> list:
     """The router logits a capture recorded, where they are the ones the eager run recorded."""
-    found = tuple((tuple(t.shape), t.dtype) for t in logits)
+    found = layouts_of(logits)
     if found != layouts:
         raise Unsupported(f"the layer recorded router logits {found} in the capture, {layouts} in its eager run")
     return logits
