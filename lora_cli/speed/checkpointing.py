@@ -34,8 +34,9 @@ class HostOffloader:
     Forward: each layer input is copied out while the layer computes; at the next layer the compute stream waits
     for that copy and the input is let go. Backward (last layer first): the input of the layer that recomputes
     next is brought back while the current one runs. Tensors already on the host (a CPU run, as in the tests) are
-    kept as they are, and so are the inputs placed on the GPU (memory.lora_train.layer_input_places: speed/policy.py keeps
-    them there where host memory has no room for them; the first layers' go to the host, whose backward comes last).
+    kept as they are, and so are the inputs placed on the GPU (memory.lora_train.layer_input_places: speed/policy.py
+    keeps them there where host memory has no room for them; the first layers' go to the host, whose backward comes
+    last).
 
     Recomputed inputs (placed so where the GPU has no room for them either): a layer's input is the output of the
     layer before, so it keeps none. Its backward brings back the layer before's input, reruns that layer's forward

@@ -208,9 +208,9 @@ def choose_offloading(lay, row: dict, trained: list, rank: int, dropout: float, 
     """The levers that fit both the host memory (its share for each of this machine's processes) and the GPU
     (gpu_available; None: not checked). In order: all that the recipe allows; offload_attention off; the layer
     inputs of only the first layers on the host, the rest on the GPU; where the GPU cannot hold the rest, the fewest
-    recomputed layer inputs (made again in the backward from the layer before's, memory.lora_train.layer_input_places) that
-    let it. LoraError when even the most recomputed inputs leave the GPU more than it holds: a run that would pin
-    more host memory than there is gets killed without a message.
+    recomputed layer inputs (made again in the backward from the layer before's,
+    memory.lora_train.layer_input_places) that let it. LoraError when even the most recomputed inputs leave the GPU
+    more than it holds: a run that would pin more host memory than there is gets killed without a message.
 
     lay, row, trained: memory.layout.layout_and_trained and the plan's row of the method with checkpointing on."""
     arguments = (lay, row, trained, rank, dropout, tokens, speed, host, gpu_available, processes, liger_norms)

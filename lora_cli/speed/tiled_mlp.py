@@ -2,9 +2,9 @@
 
 Why: an MLP keeps intermediate-wide tensors for the whole sequence. For the Llama-3.1-8B shape (intermediate
 14,336) at 524,288 tokens, the gate and up outputs and the gradient at their product are 14 GiB each, more than
-everything else a layer's backward holds (memory.lora_train.mlp_intermediate_bytes). Computed in tiles of TILED_MLP_TOKENS
-tokens, only one tile's intermediates exist at once (224 MiB each there), as in Arctic Long Sequence Training's
-TiledMLP (arXiv 2506.13996) and Unsloth's tiled MLP.
+everything else a layer's backward holds (memory.lora_train.mlp_intermediate_bytes). Computed in tiles of
+TILED_MLP_TOKENS tokens, only one tile's intermediates exist at once (224 MiB each there), as in Arctic Long
+Sequence Training's TiledMLP (arXiv 2506.13996) and Unsloth's tiled MLP.
 
 How: `TiledMLP.forward` runs the module's own forward (the fused MLP of fused_mlp.py, Liger's or transformers') on
 one tile at a time without autograd, writing each tile's output into the whole output, and saves only the input.
@@ -15,8 +15,9 @@ of the forward's start is restored for the rerun, so LoRA dropout draws the same
 layer's output) the forward computes nothing, as down_proj's fused layer does there, and the backward's tiles rerun
 lean too. So with checkpointing an MLP is computed twice a step, as without tiles.
 
-On by default where it pays (speed/policy.py, from memory.lora_train.tiled_mlp_pays), off with `speed.tiled_mlp: false`;
-tests/speed/test_tiled_mlp.py checks loss and gradients against the untiled MLP and the tile shapes.
+On by default where it pays (speed/policy.py, from memory.lora_train.tiled_mlp_pays), off with
+`speed.tiled_mlp: false`; tests/speed/test_tiled_mlp.py checks loss and gradients against the untiled MLP and the
+tile shapes.
 """
 
 import types
